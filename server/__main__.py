@@ -1,0 +1,44 @@
+"""`python -m server`: serve. Every flag mirrors a Settings field and its HOTSWAP_<FLAG> variable."""
+from __future__ import annotations
+
+import argparse
+import logging
+import typing
+
+import uvicorn
+
+from server.app import create_app
+from server.config import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description="hotswap: one base model, many adapters")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"HOTSWAP_{name.upper()}"
+        help_text = f"{field.description} (env {env}; default {field.get_default(call_default_factory=True)!r})"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(field.annotation) is list:
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**given)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
+
+
+if __name__ == "__main__":
+    main()

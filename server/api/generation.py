@@ -1,0 +1,134 @@
+"""What every generation endpoint shares: resolve and check a request, run it, collect or stream it."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.adapters.registry import Adapter
+from server.engine.request import DoneEvent, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.errors import HotswapError, InvalidRequestError
+
+
+@dataclass
+class Job:
+    """A checked request: token ids, sampling, the adapter (acquired) and the mode."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Adapter | None
+    mode: str
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind if self.adapter else "base"
+
+
+@dataclass
+class Outcome:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+
+
+class Generation:
+    """Bound to one app: the base model, the registry and the engine."""
+
+    def __init__(self, base, registry, engine, max_new_tokens_limit: int) -> None:
+        self.base = base
+        self.registry = registry
+        self.engine = engine
+        self.max_new_tokens_limit = max_new_tokens_limit
+
+    def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
+        if (prompt is None) == (ids is None):
+            got = "both" if prompt is not None else "neither"
+            raise InvalidRequestError(f"expected exactly one of prompt (string) or prompt_token_ids (list of ints), got {got}")
+        if ids is None:
+            ids = self.base.tokenizer.encode(prompt, add_special_tokens=False)
+        vocab = self.base.geometry.vocab
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt_token_ids: expected ids in [0, {vocab}), got {bad[:5]}")
+        if not ids:
+            raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
+        return ids
+
+    def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None) -> Job:
+        """Check limits and acquire the adapter; the caller must `finish(job)` when done."""
+        if params.max_new_tokens > self.max_new_tokens_limit:
+            raise InvalidRequestError(
+                f"max_new_tokens: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
+            )
+        adapter = self.registry.acquire(adapter_name) if adapter_name else None
+        try:
+            resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
+            self._check_context(ids, params, adapter)
+        except HotswapError:
+            if adapter:
+                self.registry.release(adapter)
+            raise
+        return Job(ids, params, adapter, resolved)
+
+    def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | None) -> None:
+        n_virtual = adapter.n_virtual if adapter else 0
+        total = n_virtual + len(ids) + params.max_new_tokens
+        limit = self.base.geometry.max_len
+        if total > limit:
+            raise InvalidRequestError(
+                f"prompt + max_new_tokens: expected at most {limit} tokens (the model's context"
+                f"{f', incl. {n_virtual} virtual tokens' if n_virtual else ''}), got {total}"
+            )
+
+    async def events(self, job: Job) -> AsyncIterator[TokenEvent | DoneEvent]:
+        async for event in self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode):
+            yield event
+
+    async def run(self, job: Job) -> Outcome:
+        out = Outcome()
+        async for event in self.events(job):
+            if isinstance(event, TokenEvent):
+                out.token_ids.append(event.token_id)
+            else:
+                out.finish_reason = self._reason(event)
+        out.text = self.text(out.token_ids, job.params)
+        return out
+
+    async def stream(self, job: Job) -> AsyncIterator[tuple[int | None, str, Outcome]]:
+        """Yield (token id, new text, running outcome) per token, then (None, "", final outcome)."""
+        out = Outcome()
+        sent = ""
+        async for event in self.events(job):
+            if isinstance(event, DoneEvent):
+                out.finish_reason = self._reason(event)
+                break
+            out.token_ids.append(event.token_id)
+            text = self.text(out.token_ids, job.params)
+            delta, sent = _delta(text, sent)
+            yield event.token_id, delta, out
+        out.text = self.text(out.token_ids, job.params)
+        yield None, out.text[len(sent):], out
+
+    def text(self, ids: list[int], params: SamplingParams) -> str:
+        text = self.base.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+    @staticmethod
+    def _reason(event: DoneEvent) -> str:
+        if event.finish_reason == "error":
+            raise event.error or RuntimeError("generation failed")
+        return event.finish_reason
+
+
+def _delta(text: str, sent: str) -> tuple[str, str]:
+    """The text not yet sent; a trailing partial UTF-8 character waits for the next token."""
+    if text.endswith("\ufffd") or not text.startswith(sent):
+        return "", sent
+    return text[len(sent):], text
+
+
+def _base_mode(mode: str | None) -> str:
+    if mode == "merged":
+        raise InvalidRequestError("mode: merged applies to LoRA adapters; this request names no adapter")
+    return "none"

@@ -1,0 +1,68 @@
+"""Request bodies of the HTTP API (native and OpenAI-compatible)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
+
+
+class GenerateBody(SamplingFields):
+    prompt: str | None = None
+    prompt_token_ids: list[StrictInt] | None = None
+    max_new_tokens: int = Field(16, ge=1)
+    stream: bool = False
+    mode: Literal["merged", "unmerged"] | None = None
+
+
+class CompletionBody(SamplingFields):
+    model: str
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    def limit(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default

@@ -1,0 +1,121 @@
+"""create_app(settings): the FastAPI app; its lifespan loads the model, the adapters and starts the engine."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server.adapters.lora import LoraContext
+from server.adapters.registry import Registry
+from server.api import adapters, generate, health, openai
+from server.api.generation import Generation
+from server.config import Settings
+from server.engine.engine import Engine, EngineSettings
+from server.errors import HotswapError, InvalidRequestError, QueueFullError
+from server.metrics import Metrics
+from server.model import load_base_model
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="hotswap", lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.draining = False
+    for module in (generate, openai, adapters, health):
+        app.include_router(module.router)
+    _install_error_handlers(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    base = load_base_model(settings.model, settings.device, settings.dtype)
+    metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
+    registry = Registry(base, metrics)
+    for name, folder in _adapter_flags(settings.adapter):
+        registry.add(registry.load(name, folder))
+    engine = Engine(base, _engine_settings(settings), metrics, LoraContext(), release=_releaser(registry))
+    engine.start()
+    app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
+    app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
+    app.state.started_at = time.time()
+    await asyncio.to_thread(engine.ready.wait)
+    log.info("ready: %s with %d adapters", base.name, len(registry.all()))
+    yield
+    app.state.draining = True
+    await asyncio.to_thread(engine.stop, settings.shutdown_timeout_s)
+
+
+def _engine_settings(s: Settings) -> EngineSettings:
+    return EngineSettings(
+        max_batch_size=s.max_batch_size,
+        max_batch_tokens=s.max_batch_tokens,
+        max_prefill_tokens=s.max_prefill_tokens,
+        max_waiting=s.max_waiting,
+        phase_quantum_s=s.phase_quantum_s,
+        prefix_cache=s.prefix_cache,
+    )
+
+
+def _releaser(registry: Registry):
+    def release(req) -> None:
+        if req.adapter is not None:
+            registry.release(req.adapter)
+
+    return release
+
+
+def _adapter_flags(values: list[str]) -> list[tuple[str, Path]]:
+    pairs = []
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter: expected NAME=DIR, got {value!r}")
+        pairs.append((name, Path(folder)))
+    return pairs
+
+
+def _error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HotswapError)
+    async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+        return _error(exc.status, exc.type, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, InvalidRequestError.type, _describe(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+
+def _describe(exc: RequestValidationError) -> str:
+    """One line per problem: where, what was expected, what came."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        got = err.get("input")
+        parts.append(f"{where}: {err.get('msg', 'invalid')}; got {_short(got)}")
+    return "; ".join(parts)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

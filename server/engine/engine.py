@@ -1,0 +1,253 @@
+"""The engine: one thread owns the model and every device tensor.
+
+Loop: take new requests, let the scheduler pick who joins (switching merged phases
+when the batch is empty), prefill the joiners together, run one decode step for
+every row, emit tokens to each request's asyncio queue, drop finished rows.
+The event loop only submits requests and awaits their events.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.adapters.lora import LoraContext, MergedState, merge
+from server.engine.batch import Batch
+from server.engine.cache import KVCache
+from server.engine.prefill import Prefiller
+from server.engine.request import DoneEvent, Event, Mode, Request, TokenEvent
+from server.engine.sampling import Sampler, SamplingParams, next_tokens
+from server.engine.scheduler import SHARED, Limits, Scheduler
+from server.errors import QueueFullError, ShuttingDownError
+from server.metrics import Metrics
+from server.model import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_batch_size: int = 32
+    max_batch_tokens: int = 65536
+    max_prefill_tokens: int = 4096
+    max_waiting: int = 256
+    phase_quantum_s: float = 2.0
+    prefix_cache: bool = True
+
+
+class Engine:
+    def __init__(
+        self,
+        base: BaseModel,
+        settings: EngineSettings,
+        metrics: Metrics,
+        lora_ctx: LoraContext,
+        release: Callable[[Request], None] = lambda req: None,
+    ) -> None:
+        g = base.geometry
+        self.base = base
+        self.settings = settings
+        self.metrics = metrics
+        self.lora_ctx = lora_ctx
+        self._release = release
+        cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, settings.max_batch_size, g.max_len, base.dtype, base.device)
+        self.batch = Batch(cache)
+        self.prefiller = Prefiller(base, cache, lora_ctx, settings)
+        limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.max_waiting, settings.phase_quantum_s)
+        self.scheduler = Scheduler(limits)
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._pending = 0  # submitted and not yet admitted; guarded by _lock
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._merged: MergedState | None = None
+        self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
+        self.ready = threading.Event()
+
+    # ---- event-loop side -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop taking requests, let the running ones finish (bounded), then end the thread."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def waiting(self) -> int:
+        return self._pending
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter, mode: Mode) -> AsyncIterator[Event]:
+        """Submit a request and yield its events; leaving early cancels it."""
+        loop = asyncio.get_running_loop()
+        req = Request(prompt_ids, params, adapter, mode, loop, asyncio.Queue())
+        try:
+            self._submit(req)
+        except (QueueFullError, ShuttingDownError):
+            self._release(req)
+            raise
+        done = False
+        try:
+            while not done:
+                event = await req.queue.get()
+                done = isinstance(event, DoneEvent)
+                yield event
+        finally:
+            if not done:
+                req.cancelled = True
+                self._wake.set()
+
+    def _submit(self, req: Request) -> None:
+        if self._stopping:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        with self._lock:
+            if self._pending >= self.settings.max_waiting:
+                raise QueueFullError(self._pending)
+            self._pending += 1
+        self._inbox.put(req)
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self.prefiller.warm_up()
+            self.ready.set()
+            while not (self._stopping and not self.batch and not self.scheduler and self._inbox.empty()):
+                self._wait_for_work()
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
+                    log.exception("engine step failed; failing the rows of this batch")
+                    self._fail_all(exc)
+            self._switch_phase(SHARED)
+
+    def _wait_for_work(self) -> None:
+        if not self.batch and not self.scheduler and self._inbox.empty():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def _iteration(self) -> None:
+        self._intake()
+        if not self.batch and self.scheduler:
+            self._switch_phase(self.scheduler.next_phase())
+        joiners = self.scheduler.admit(self.batch.rows)
+        if joiners:
+            with self._lock:
+                self._pending -= len(joiners)
+            self._prefill(joiners)
+        if self.batch:
+            self._decode()
+        self.metrics.set_queue(len(self.batch), self._pending)
+
+    def _intake(self) -> None:
+        while not self._inbox.empty():
+            self.scheduler.add(self._inbox.get_nowait())
+        for req in self.scheduler.drop_cancelled():
+            with self._lock:
+                self._pending -= 1
+            self._finish(req, "cancelled", status="cancelled")
+
+    def _switch_phase(self, phase: str) -> None:
+        if phase == self.scheduler.phase and (phase == SHARED) == (self._merged is None):
+            return
+        if self._merged is not None:
+            t0 = time.perf_counter()
+            self._merged.restore()
+            self._merged = None
+            self.metrics.restored(time.perf_counter() - t0)
+        if phase != SHARED:
+            adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
+            t0 = time.perf_counter()
+            self._merged = merge(self.base.hf, adapter.weights)
+            self.metrics.merged(time.perf_counter() - t0)
+        self.scheduler.enter(phase)
+
+    def _prefill(self, joiners: list[Request]) -> None:
+        now = time.perf_counter()
+        for req in joiners:
+            req.admitted = now
+            req.sampler = Sampler.for_params(req.params, self.base.device)
+        for group, lengths, logits in self.prefiller.run(joiners, row0=len(self.batch)):
+            first = next_tokens(logits, [r.sampler for r in group])
+            for req, length, token in zip(group, lengths, first):
+                self.batch.join(req, length)
+                self._accept(req, token)
+        self._drop_finished()
+
+    def _decode(self) -> None:
+        batch = self.batch
+        batch.cache.ensure(max(batch.lengths) + 1)
+        t0 = time.perf_counter()
+        ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
+        logits = self.prefiller.decode_logits(ids, batch)
+        tokens = next_tokens(logits, [r.sampler for r in batch.rows])
+        self.metrics.step(batch.kinds(), time.perf_counter() - t0, len(batch))
+        for i, (req, token) in enumerate(zip(batch.rows, tokens)):
+            batch.lengths[i] += 1
+            self._accept(req, token)
+        self._drop_finished()
+
+    def _accept(self, req: Request, token: int) -> None:
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+        req.output_ids.append(token)
+        req.emit(TokenEvent(token))
+
+    def _drop_finished(self) -> None:
+        for i in range(len(self.batch) - 1, -1, -1):
+            req = self.batch.rows[i]
+            reason = "cancelled" if req.cancelled else self._finish_reason(req)
+            if reason:
+                self.batch.leave(i)
+                self._finish(req, reason, status="cancelled" if reason == "cancelled" else "ok")
+
+    def _finish_reason(self, req: Request) -> str | None:
+        p = req.params
+        if not p.ignore_eos and req.output_ids[-1] in self.base.eos_ids:
+            return "stop"
+        if p.stop and self._hit_stop(req):
+            return "stop"
+        if len(req.output_ids) >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def _hit_stop(self, req: Request) -> bool:
+        longest = max(len(s) for s in req.params.stop)
+        tail = self.base.tokenizer.decode(req.output_ids[-(longest + 4) :])
+        return any(s in tail for s in req.params.stop)
+
+    def _finish(self, req: Request, reason: str, status: str, error: Exception | None = None) -> None:
+        req.emit(DoneEvent(reason, error))
+        self._release(req)
+        self._record(req, status)
+
+    def _record(self, req: Request, status: str) -> None:
+        end = time.perf_counter()
+        queued = (req.admitted or end) - req.arrived
+        ttft = (req.first_token - req.arrived) if req.first_token else None
+        n_out = len(req.output_ids)
+        tpot = (end - req.first_token) / (n_out - 1) if req.first_token and n_out > 1 else None
+        self.metrics.request_finished(
+            req.kind, req.mode, status,
+            duration_s=end - req.arrived, queue_s=queued, ttft_s=ttft, tpot_s=tpot,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=n_out,
+            adapter=req.adapter.name if req.adapter else None,
+        )
+
+    def _fail_all(self, exc: Exception) -> None:
+        while self.batch:
+            req = self.batch.leave(len(self.batch) - 1)
+            self._finish(req, "error", status="error", error=exc)

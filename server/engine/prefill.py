@@ -1,0 +1,110 @@
+"""Forward passes over the batch: prefill of joining rows (with soft-prompt prefixes) and decode steps."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from server.adapters.lora import LoraContext
+from server.adapters.prompt import PrefixKV, PromptAdapter
+from server.decoder import PLAIN, StepShape
+from server.engine.batch import Batch, Plans
+from server.engine.cache import KVCache
+from server.engine.request import Request
+from server.model import BaseModel
+
+
+class Prefiller:
+    def __init__(self, base: BaseModel, cache: KVCache, lora_ctx: LoraContext, settings) -> None:
+        self.base = base
+        self.decoder = base.decoder
+        self.cache = cache
+        self.lora_ctx = lora_ctx
+        self.max_prefill_tokens = settings.max_prefill_tokens
+        self.prefix_cache = settings.prefix_cache
+
+    def warm_up(self) -> None:
+        """One tiny forward so the first request does not pay for lazy initialisation."""
+        self.cache.ensure(2)
+        x = self.decoder.embed(torch.zeros((1, 2), dtype=torch.long, device=self.base.device))
+        self.decoder.forward(x, StepShape.build(0, [0], 2, self.base.device), self.cache)
+
+    def run(self, joiners: list[Request], row0: int) -> Iterator[tuple[list[Request], list[int], Tensor]]:
+        """Prefill joiners into cache rows row0.. in order; yield (group, cached lengths, last logits [n, V])."""
+        for group in self._groups(joiners):
+            lengths, logits = self._prefill_group(group, row0)
+            yield group, lengths, logits
+            row0 += len(group)
+
+    def _groups(self, joiners: list[Request]) -> Iterator[list[Request]]:
+        group: list[Request] = []
+        for req in joiners:
+            longest = max([self._new_len(r) for r in group + [req]])
+            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                yield group
+                group = []
+            group.append(req)
+        if group:
+            yield group
+
+    def _new_len(self, req: Request) -> int:
+        """Tokens this request feeds at prefill (its prompt, plus virtual tokens without the prefix cache)."""
+        prompt = _prompt_adapter(req)
+        extra = prompt.n_virtual if prompt and not self.prefix_cache else 0
+        return len(req.prompt_ids) + extra
+
+    def _prefill_group(self, group: list[Request], row0: int) -> tuple[list[int], Tensor]:
+        starts, inputs = zip(*(self._row_input(req, row0 + i) for i, req in enumerate(group)))
+        length = max(x.shape[0] for x in inputs)
+        x = torch.stack([_pad(t, length) for t in inputs])  # [N, L, H]
+        self.cache.ensure(max(starts) + length)
+        shape = StepShape.build(row0, list(starts), length, self.base.device)
+        plans = Plans.build(group)
+        self.lora_ctx.plan = plans.lora
+        hidden = self.decoder.forward(x, shape, self.cache, plans.residual)  # [N, L, H]
+        last = torch.tensor([t.shape[0] - 1 for t in inputs], device=x.device)  # [N]
+        logits = self.decoder.logits(hidden[torch.arange(len(group), device=x.device), last])  # [N, V]
+        return [s + t.shape[0] for s, t in zip(starts, inputs)], logits
+
+    def _row_input(self, req: Request, row: int) -> tuple[int, Tensor]:
+        """(cached positions before the new tokens, new input embeddings [L, H]) for one row."""
+        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.base.device)
+        x = self.decoder.embed(ids)  # [L, H]
+        prompt = _prompt_adapter(req)
+        if prompt is None:
+            return 0, x
+        if not self.prefix_cache:
+            return 0, torch.cat([prompt.embeddings.to(x.dtype), x])  # [n_virtual + L, H]
+        prefix = self.prefix_of(prompt)
+        self.cache.load_prefix(row, prefix.keys, prefix.values)
+        return prompt.n_virtual, x
+
+    def prefix_of(self, prompt: PromptAdapter) -> PrefixKV:
+        """The virtual tokens' KV, computed once per adapter on first use."""
+        if prompt.prefix is None:
+            g = self.base.geometry
+            n = prompt.n_virtual
+            scratch = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, 1, g.max_len, self.base.dtype, self.base.device, n)
+            self.lora_ctx.plan = None
+            x = prompt.embeddings.to(self.base.dtype)[None]  # [1, n, H]
+            self.decoder.forward(x, StepShape.build(0, [0], n, self.base.device), scratch, PLAIN)
+            prompt.prefix = PrefixKV(*scratch.read_prefix(0, n))
+        return prompt.prefix
+
+    def decode_logits(self, ids: Tensor, batch: Batch) -> Tensor:
+        """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]."""
+        shape = StepShape.build(0, batch.lengths, 1, self.base.device)
+        plans = batch.plans()
+        self.lora_ctx.plan = plans.lora
+        hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, plans.residual)  # [N, 1, H]
+        return self.decoder.logits(hidden[:, 0])
+
+
+def _prompt_adapter(req: Request) -> PromptAdapter | None:
+    return req.adapter.weights if req.kind == "prompt" else None
+
+
+def _pad(t: Tensor, length: int) -> Tensor:
+    """t: [L, H] -> [length, H], zero rows after."""
+    return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[0]))

@@ -1,0 +1,62 @@
+"""A generation request as the engine sees it, and the events it streams back."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from server.engine.sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from server.adapters.registry import Adapter
+
+Mode = Literal["merged", "unmerged", "none"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: FinishReason
+    error: Exception | None = None
+
+
+Event = TokenEvent | DoneEvent
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: "Adapter | None"
+    mode: Mode
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    output_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    sampler: Sampler | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind if self.adapter else "base"
+
+    @property
+    def phase(self) -> str:
+        """Requests of one phase may share a batch: all unmerged ones, or one merged adapter's."""
+        return f"merged:{self.adapter.name}" if self.mode == "merged" and self.adapter else "shared"
+
+    def emit(self, event: Event) -> None:
+        """Thread-safe: hand an event to the request's asyncio queue."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)

@@ -1,0 +1,95 @@
+"""Typed domain errors and their HTTP mapping.
+
+Every error names what was expected and what was received; the API layer turns
+each into `{"error": {"type": ..., "message": ...}}` with the status below.
+"""
+from __future__ import annotations
+
+
+class HotswapError(Exception):
+    """Base of every error the server reports to a client."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(HotswapError):
+    """The request is malformed or out of range (400)."""
+
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationError(HotswapError):
+    """No or malformed credentials (401)."""
+
+    status = 401
+    type = "unauthorized"
+
+
+class ForbiddenError(HotswapError):
+    """Credentials given but wrong (403)."""
+
+    status = 403
+    type = "forbidden"
+
+
+class AdapterNotFoundError(HotswapError):
+    """The named adapter is not registered (404)."""
+
+    status = 404
+    type = "adapter_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"adapter {name!r} is not registered; GET /adapters lists the registered ones")
+        self.name = name
+
+
+class AdapterExistsError(HotswapError):
+    """An adapter of that name exists and `replace` was not asked for (409)."""
+
+    status = 409
+    type = "adapter_exists"
+
+
+class PayloadTooLargeError(HotswapError):
+    """An upload exceeds the configured limit (413)."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+class AdapterFormatError(HotswapError):
+    """Adapter files that cannot be served on this base model (422).
+
+    `field` names the config field or tensor key at fault.
+    """
+
+    status = 422
+    type = "invalid_adapter"
+
+    def __init__(self, field: str, expected: str, got: object) -> None:
+        super().__init__(f"{field}: expected {expected}, got {got!r}")
+        self.field = field
+
+
+class QueueFullError(HotswapError):
+    """Too many requests waiting (429); the client should retry later."""
+
+    status = 429
+    type = "queue_full"
+
+    def __init__(self, waiting: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"queue is full ({waiting} requests waiting); retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(HotswapError):
+    """The server is draining and accepts no new requests (503)."""
+
+    status = 503
+    type = "shutting_down"

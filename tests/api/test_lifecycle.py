@@ -1,0 +1,112 @@
+"""Back-pressure, cancellation on disconnect and graceful shutdown."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import LLAMA, free_port, live_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`, from Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_full_queue_answers_429(tmp_path):
+    with live_server(tmp_path, model=LLAMA, max_batch_size=1, max_waiting=2) as srv:
+        def call(_):
+            with srv.client() as c:
+                return c.post("/generate", json={"prompt_token_ids": [5, 6], "max_new_tokens": 60, "ignore_eos": True})
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(call, range(12)))
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and 200 in codes
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"].isdigit()
+        assert refused.json()["error"]["type"] == "queue_full"
+        assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] >= 1
+
+
+def test_disconnect_cancels_and_frees_row(tmp_path):
+    with live_server(tmp_path, model=LLAMA) as srv, srv.client() as c:
+        body = {"prompt_token_ids": [5, 6, 7], "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+            assert got
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = c.get("/metrics").text
+            if _metric(text, "hotswap_requests_running") == 0 and _metric(
+                text, "hotswap_requests_total", status="cancelled"
+            ) >= 1:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the disconnected request kept running")
+        assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] >= 1
+
+
+def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(LLAMA), "--port", str(port), "--store", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(url)
+        result: dict = {}
+        started = threading.Event()
+
+        def long_request():
+            body = {"prompt_token_ids": [5, 6], "max_new_tokens": 400, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+                events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[6:]))
+                        started.set()
+                result["status"], result["final"] = r.status_code, events[-1]
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert result["status"] == 200
+        assert result["final"]["finish_reason"] == "length"
+        assert len(result["final"]["token_ids"]) == 400
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _wait(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError(url)

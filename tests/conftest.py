@@ -1,0 +1,93 @@
+"""Shared test fixtures: paths to the tiny models and adapters, and a live server in a thread."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.config import Settings
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LLAMA = FIXTURES / "tiny-llama"
+GPT2 = FIXTURES / "tiny-gpt2"
+
+
+def references(kind: str, base: str) -> dict:
+    """kind: 'peft' or 'adapterhub'; base: 'tiny-llama' or 'tiny-gpt2'."""
+    return json.loads((FIXTURES / kind / base / "references.json").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+    def generate(self, adapter: str | None = None, **body) -> dict:
+        params = {"adapter": adapter} if adapter else {}
+        with self.client() as c:
+            r = c.post("/generate", params=params, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@contextmanager
+def live_server(tmp_path: Path, **overrides) -> Iterator[LiveServer]:
+    port = free_port()
+    settings = Settings(host="127.0.0.1", port=port, store=tmp_path / "store", **overrides)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, thread)
+        yield LiveServer(url, app)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def _wait_ready(url: str, thread: threading.Thread, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError("server thread died during start-up")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory) -> Iterator[LiveServer]:
+    with live_server(tmp_path_factory.mktemp("llama"), model=LLAMA, max_batch_size=32) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gpt2_server(tmp_path_factory) -> Iterator[LiveServer]:
+    with live_server(tmp_path_factory.mktemp("gpt2"), model=GPT2) as srv:
+        yield srv
