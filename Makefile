@@ -1,0 +1,63 @@
+# hotswap: `make serve`, `make test`, `make bench`, `make lint-docker`.
+# Every install step is stamped inside the venv, so a re-run does nothing unless pyproject.toml,
+# this Makefile or TORCH_SPEC changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+# Without an NVIDIA GPU take the CPU build of torch (found on local disk here); with one, PyPI's
+# default (CUDA) build. Override with e.g. `make test TORCH_SPEC='torch==2.7.1'`.
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
+
+STAMPS := $(VENV)/.stamps
+
+.PHONY: serve test bench lint-docker venv clean-venv FORCE
+
+serve: $(STAMPS)/runtime
+	$(PY) -m server --host $(HOST) --port $(PORT)
+
+test: $(STAMPS)/dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMPS)/bench
+	$(PY) -m load_tests.bench
+
+lint-docker: $(STAMPS)/dev
+	$(VENV)/bin/hadolint Dockerfile
+
+venv: $(STAMPS)/dev
+
+clean-venv:
+	rm -rf $(VENV)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Rewritten only when TORCH_SPEC changes, so the stamps below depend on its value.
+$(STAMPS)/torch-spec: FORCE | $(PY)
+	@mkdir -p $(STAMPS)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMPS)/torch: $(STAMPS)/torch-spec
+	$(PIP) install '$(TORCH_SPEC)'
+	@touch $@
+
+$(STAMPS)/runtime: pyproject.toml Makefile $(STAMPS)/torch
+	$(PIP) install -e .
+	@touch $@
+
+$(STAMPS)/dev: pyproject.toml Makefile $(STAMPS)/torch
+	$(PIP) install -e '.[dev]'
+	@touch $@
+
+$(STAMPS)/bench: pyproject.toml Makefile $(STAMPS)/torch
+	$(PIP) install -e '.[dev,bench]'
+	@touch $@
+
+FORCE:
