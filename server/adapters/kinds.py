@@ -40,4 +40,4 @@ def load_weights(folder: Path, base: BaseModel) -> tuple[Kind, Weights]:
         return kind, load_lora(folder, base.hf)
     if kind == "prompt":
         return kind, load_prompt(folder, base.geometry.hidden)
-    return kind, load_bottleneck(folder, base.hf)
+    return kind, load_bottleneck(folder, base)

@@ -28,7 +28,7 @@ async def generate(body: GenerateBody, request: Request, adapter: str | None = N
         stop=body.stops(),
         ignore_eos=body.ignore_eos,
     )
-    job = gen.job(adapter or None, ids, params, body.mode)
+    job = await gen.job(adapter or None, ids, params, body.mode)
     if body.stream:
         return StreamingResponse(_sse(gen, job), media_type="text/event-stream")
     return JSONResponse(_response(job, await gen.run(job)))

@@ -54,13 +54,13 @@ class Generation:
             raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
         return ids
 
-    def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None) -> Job:
+    async def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None) -> Job:
         """Check limits and acquire the adapter; the caller must `finish(job)` when done."""
         if params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidRequestError(
                 f"max_new_tokens: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
             )
-        adapter = self.registry.acquire(adapter_name) if adapter_name else None
+        adapter = await self.registry.acquire(adapter_name) if adapter_name else None
         try:
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
             self._check_context(ids, params, adapter)

@@ -37,7 +37,7 @@ async def completions(body: CompletionBody, request: Request):
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise InvalidRequestError(f"prompt: expected one string or one list of token ids, got a batch of {len(prompt)}")
     ids = gen.tokenize(None, prompt) if isinstance(prompt, list) else gen.tokenize(prompt, None)
-    job = gen.job(_adapter_of(request, body.model), ids, _params(body, body.max_tokens), None)
+    job = await gen.job(_adapter_of(request, body.model), ids, _params(body, body.max_tokens), None)
     return await _answer(gen, job, body.model, body.stream, chat=False)
 
 
@@ -45,7 +45,7 @@ async def completions(body: CompletionBody, request: Request):
 async def chat_completions(body: ChatBody, request: Request):
     gen: Generation = request.app.state.generation
     ids = gen.tokenize(None, _chat_ids(gen, body.messages))
-    job = gen.job(_adapter_of(request, body.model), ids, _params(body, body.limit(256)), None)
+    job = await gen.job(_adapter_of(request, body.model), ids, _params(body, body.limit(256)), None)
     return await _answer(gen, job, body.model, body.stream, chat=True)
 
 
