@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from server.adapters.lora import LoraContext
 from server.decoder import FAMILIES, Decoder
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class BaseModel:
     eos_ids: frozenset[int]
     device: torch.device
     dtype: torch.dtype
+    lora_ctx: LoraContext  # read by the LoRA wrappers installed on `hf`; the engine sets its plan
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,6 +83,7 @@ def load_base_model(model_dir: Path | None, device: str = "auto", dtype: str = "
         eos_ids=_eos_ids(hf, tokenizer),
         device=dev,
         dtype=dt,
+        lora_ctx=LoraContext(),
     )
 
 

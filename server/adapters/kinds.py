@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 from server.adapters.bottleneck import BottleneckAdapter, load_bottleneck
-from server.adapters.lora import LoraAdapter, load_lora
+from server.adapters.lora import LoraAdapter, ensure_wrapped, load_lora
 from server.adapters.prompt import PEFT_TYPES as PROMPT_TYPES
 from server.adapters.prompt import PromptAdapter, load_prompt
 from server.adapters.weights import read_config
@@ -34,10 +34,12 @@ def detect_kind(folder: Path) -> Kind:
 
 
 def load_weights(folder: Path, base: BaseModel) -> tuple[Kind, Weights]:
-    """Load and validate an adapter folder against the base model; weights stay on the CPU."""
+    """Load and validate an adapter folder against the base model (LoRA: its modules get wrapped)."""
     kind = detect_kind(folder)
     if kind == "lora":
-        return kind, load_lora(folder, base.hf)
+        lora = load_lora(folder, base.hf)
+        ensure_wrapped(base.hf, lora.modules, base.lora_ctx)
+        return kind, lora
     if kind == "prompt":
         return kind, load_prompt(folder, base.geometry.hidden)
     return kind, load_bottleneck(folder, base)

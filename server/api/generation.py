@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.adapters.lora import check_mergeable
 from server.adapters.registry import Adapter
 from server.engine.request import DoneEvent, TokenEvent
 from server.engine.sampling import SamplingParams
@@ -63,6 +64,8 @@ class Generation:
         adapter = await self.registry.acquire(adapter_name) if adapter_name else None
         try:
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
+            if resolved == "merged":
+                check_mergeable(self.base.hf, adapter.weights)
             self._check_context(ids, params, adapter)
         except HotswapError:
             if adapter:

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from server.adapters.lora import LoraContext, MergedState, merge
+from server.adapters.lora import MergedState, merge
 from server.engine.batch import Batch
 from server.engine.cache import KVCache
+from server.engine.clock import AdapterClock
 from server.engine.prefill import Prefiller
 from server.engine.request import DoneEvent, Event, Mode, Request, TokenEvent
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine.scheduler import SHARED, Limits, Scheduler
-from server.errors import QueueFullError, ShuttingDownError
+from server.errors import HotswapError, QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.model import BaseModel
 
@@ -47,18 +48,17 @@ class Engine:
         base: BaseModel,
         settings: EngineSettings,
         metrics: Metrics,
-        lora_ctx: LoraContext,
         release: Callable[[Request], None] = lambda req: None,
     ) -> None:
         g = base.geometry
         self.base = base
         self.settings = settings
         self.metrics = metrics
-        self.lora_ctx = lora_ctx
         self._release = release
         cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, settings.max_batch_size, g.max_len, base.dtype, base.device)
         self.batch = Batch(cache)
-        self.prefiller = Prefiller(base, cache, lora_ctx, settings)
+        self.clock = AdapterClock(base.device)
+        self.prefiller = Prefiller(base, cache, settings)
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.max_waiting, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -171,9 +171,21 @@ class Engine:
         if phase != SHARED:
             adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
             t0 = time.perf_counter()
-            self._merged = merge(self.base.hf, adapter.weights)
-            self.metrics.merged(time.perf_counter() - t0)
+            try:
+                self._merged = merge(self.base.hf, adapter.weights)
+            except HotswapError as exc:
+                self._fail_waiting(phase, exc)
+                phase = SHARED
+            else:
+                self.metrics.merged(time.perf_counter() - t0)
         self.scheduler.enter(phase)
+
+    def _fail_waiting(self, phase: str, exc: Exception) -> None:
+        """The phase cannot run (its merge was refused): end its waiting requests with the error."""
+        for req in self.scheduler.take_phase(phase):
+            with self._lock:
+                self._pending -= 1
+            self._finish(req, "error", status="error", error=exc)
 
     def _prefill(self, joiners: list[Request]) -> None:
         now = time.perf_counter()
@@ -191,14 +203,27 @@ class Engine:
         batch = self.batch
         batch.cache.ensure(max(batch.lengths) + 1)
         t0 = time.perf_counter()
+        measured = self.clock.begin_step()
         ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
-        logits = self.prefiller.decode_logits(ids, batch)
+        logits = self.prefiller.decode_logits(ids, batch, self.clock)
         tokens = next_tokens(logits, [r.sampler for r in batch.rows])
         self.metrics.step(batch.kinds(), time.perf_counter() - t0, len(batch))
+        if measured:
+            self._record_adapter_time(batch.kinds(), self.clock.end_step())
         for i, (req, token) in enumerate(zip(batch.rows, tokens)):
             batch.lengths[i] += 1
             self._accept(req, token)
         self._drop_finished()
+
+    def _record_adapter_time(self, kinds: str, seconds: dict[str, float]) -> None:
+        """Per kind in the batch: its measured adapter time (merged LoRA and soft prompts add none per step)."""
+        for label in kinds.split("+"):
+            if label == "lora_unmerged":
+                self.metrics.adapter_layer("lora", "unmerged", seconds.get("lora", 0.0))
+            elif label == "lora_merged":
+                self.metrics.adapter_layer("lora", "merged", 0.0)
+            elif label in ("bottleneck", "prompt"):
+                self.metrics.adapter_layer(label, None, seconds.get(label, 0.0))
 
     def _accept(self, req: Request, token: int) -> None:
         if req.first_token is None:

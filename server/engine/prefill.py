@@ -6,21 +6,21 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from server.adapters.lora import LoraContext
 from server.adapters.prompt import PrefixKV, PromptAdapter
 from server.decoder import PLAIN, StepShape
 from server.engine.batch import Batch, Plans
 from server.engine.cache import KVCache
+from server.engine.clock import AdapterClock, TimedHooks
 from server.engine.request import Request
 from server.model import BaseModel
 
 
 class Prefiller:
-    def __init__(self, base: BaseModel, cache: KVCache, lora_ctx: LoraContext, settings) -> None:
+    def __init__(self, base: BaseModel, cache: KVCache, settings) -> None:
         self.base = base
         self.decoder = base.decoder
         self.cache = cache
-        self.lora_ctx = lora_ctx
+        self.lora_ctx = base.lora_ctx
         self.max_prefill_tokens = settings.max_prefill_tokens
         self.prefix_cache = settings.prefix_cache
 
@@ -92,12 +92,19 @@ class Prefiller:
             prompt.prefix = PrefixKV(*scratch.read_prefix(0, n))
         return prompt.prefix
 
-    def decode_logits(self, ids: Tensor, batch: Batch) -> Tensor:
-        """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]."""
+    def decode_logits(self, ids: Tensor, batch: Batch, clock: AdapterClock) -> Tensor:
+        """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]; adapter time on `clock`."""
         shape = StepShape.build(0, batch.lengths, 1, self.base.device)
         plans = batch.plans()
         self.lora_ctx.plan = plans.lora
-        hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, plans.residual)  # [N, 1, H]
+        residual = plans.residual
+        if clock.active:
+            self.lora_ctx.clock = clock
+            residual = residual if residual is PLAIN else TimedHooks(residual, clock)
+        try:
+            hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, residual)  # [N, 1, H]
+        finally:
+            self.lora_ctx.clock = None
         return self.decoder.logits(hidden[:, 0])
 
 

@@ -52,6 +52,12 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
         return gone
 
+    def take_phase(self, phase: str) -> list[Request]:
+        """Remove and return every waiting request of a phase."""
+        taken = [r for r in self.waiting if r.phase == phase]
+        self.waiting = deque(r for r in self.waiting if r.phase != phase)
+        return taken
+
     def next_phase(self) -> str:
         """With an empty batch: the phase to run next, the oldest waiting request's."""
         return self.waiting[0].phase if self.waiting else self.phase

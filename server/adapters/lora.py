@@ -1,0 +1,405 @@
+"""PEFT LoRA adapters with PEFT 0.21.2 semantics: the config and the weights.
+
+    spec = parse_lora_config(json)            # every field that changes inference, or a refusal
+    adapter = load_lora(folder, hf_model)     # weights validated against the base modules
+    ensure_wrapped(hf_model, adapter.modules, ctx); ctx.plan = LoraPlan.build(rows)   # unmerged
+    state = merge(hf_model, adapter); ...; state.restore()                             # merged
+
+The layer side (the unmerged wrapper, its per-batch plan, merge and restore) lives in
+lora_layer.py and is re-exported here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from server.adapters.lora_layer import (
+    LINEAR_TYPES,
+    LoraContext,
+    LoraLinear,
+    LoraPlan,
+    LoraWeights,
+    MergeConflictError,
+    MergedState,
+    base_layer,
+    bias_shift,
+    check_mergeable,
+    dora_norm,
+    ensure_wrapped,
+    merge,
+    named_layers,
+    pristine,
+)
+from server.errors import AdapterFormatError
+
+__all__ = [
+    "LoraAdapter", "LoraContext", "LoraLinear", "LoraPlan", "LoraSpec", "LoraWeights", "MergeConflictError",
+    "MergedState", "check_mergeable", "ensure_wrapped", "load_lora", "merge", "parse_lora_config",
+]
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+# What a PEFT LoRA file holds per module, after "base_model.model.<module name>.".
+PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "base_layer.bias")
+
+PARSED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+          "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "use_dora", "bias", "lora_bias",
+          "init_lora_weights"}
+# Provenance and training-only settings: no effect on a saved adapter's outputs.
+INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+         "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+         "lora_ga_config", "runtime_config"}
+# Change inference in ways this server does not implement: refused unless unset (null, false, empty).
+UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters", "use_qalora",
+               "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+               "use_bdlora", "megatron_config", "ensure_weight_tying")
+# init_lora_weights whose adapters expect base weights changed at init (unless converted on save).
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The fields of a PEFT LoraConfig that decide which modules get which LoRA."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] | str = ()  # names (exact or ".name" suffix), a fullmatch regex, or "all-linear"
+    exclude_modules: tuple[str, ...] | str = ()
+    layers_to_transform: tuple[int, ...] = ()  # empty: every layer
+    layers_pattern: tuple[str, ...] = ()
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # key matched as (.*\.)?(key)$, first match wins
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False  # as PEFT: implied by the module type (Conv1D), whatever the file says
+    use_dora: bool = False
+    bias: str = "none"
+    lora_bias: bool = False
+
+    def selects(self, name: str, module: nn.Module, output_layer: nn.Module | None) -> bool:
+        """PEFT's check_target_module_exists (with "all-linear" expanded as PEFT does)."""
+        if self._excluded(name):
+            return False
+        if self.target_modules == "all-linear":
+            return isinstance(module, LINEAR_TYPES) and module is not output_layer
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, name) is not None
+        if name in self.target_modules:
+            return True
+        return any(name.endswith(f".{t}") for t in self.target_modules) and self._in_layers(name)
+
+    def _excluded(self, name: str) -> bool:
+        if isinstance(self.exclude_modules, str):
+            return re.fullmatch(self.exclude_modules, name) is not None
+        return name in self.exclude_modules or any(name.endswith(f".{e}") for e in self.exclude_modules)
+
+    def _in_layers(self, name: str) -> bool:
+        if not self.layers_to_transform:
+            return True
+        patterns = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in self.layers_pattern] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+        match = next((m for p in patterns if (m := re.match(p, name))), None)
+        return match is not None and int(match["idx"]) in self.layers_to_transform
+
+    def rank_and_scale(self, name: str) -> tuple[int, float]:
+        r = _pattern_value(self.rank_pattern, name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        return r, (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+# ---------------------------------------------------------------- config
+
+
+def parse_lora_config(cfg: dict) -> LoraSpec:
+    """adapter_config.json -> LoraSpec, refusing every field that would change outputs unimplemented."""
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(CONFIG_FILE, "a JSON object", type(cfg).__name__)
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterFormatError("peft_type", "'LORA'", cfg.get("peft_type"))
+    _refuse_unsupported(cfg)
+    spec = LoraSpec(
+        r=_positive_int("r", cfg.get("r", 8)),
+        lora_alpha=_number("lora_alpha", cfg.get("lora_alpha", 8)),
+        use_rslora=_flag(cfg, "use_rslora"),
+        target_modules=_targets(cfg.get("target_modules")),
+        exclude_modules=_names_or_regex("exclude_modules", cfg.get("exclude_modules")),
+        layers_to_transform=_layers(cfg.get("layers_to_transform")),
+        layers_pattern=_strings("layers_pattern", cfg.get("layers_pattern")),
+        rank_pattern=_patterns("rank_pattern", cfg.get("rank_pattern"), _positive_int),
+        alpha_pattern=_patterns("alpha_pattern", cfg.get("alpha_pattern"), _number),
+        fan_in_fan_out=_flag(cfg, "fan_in_fan_out"),
+        use_dora=_flag(cfg, "use_dora"),
+        bias=cfg.get("bias", "none"),
+        lora_bias=_flag(cfg, "lora_bias"),
+    )
+    _check_combinations(spec)
+    return spec
+
+
+def _refuse_unsupported(cfg: dict) -> None:
+    for key in (*UNSUPPORTED, *sorted(set(cfg) - PARSED - INERT - set(UNSUPPORTED))):
+        if cfg.get(key):
+            raise AdapterFormatError(key, "unset (not supported by this server)", cfg[key])
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_MUTATING_INITS):
+        raise AdapterFormatError("init_lora_weights", "an init that leaves the base weights unchanged "
+                                 "(save PiSSA/OLoRA/CorDA/LoRA-GA adapters converted to plain LoRA)", init)
+
+
+def _check_combinations(spec: LoraSpec) -> None:
+    """PEFT's own LoraConfig checks, as AdapterFormatError."""
+    if spec.bias not in ("none", "all", "lora_only"):
+        raise AdapterFormatError("bias", "one of none, all, lora_only", spec.bias)
+    if isinstance(spec.target_modules, str) and (spec.layers_to_transform or spec.layers_pattern):
+        raise AdapterFormatError("layers_to_transform", "unset when target_modules is a string",
+                                 list(spec.layers_to_transform))
+    if spec.layers_pattern and not spec.layers_to_transform:
+        raise AdapterFormatError("layers_pattern", "unset when layers_to_transform is unset", list(spec.layers_pattern))
+    if spec.lora_bias and spec.use_dora:
+        raise AdapterFormatError("lora_bias", "false with use_dora (PEFT refuses the pair)", True)
+
+
+def _flag(cfg: dict, key: str) -> bool:
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise AdapterFormatError(key, "true or false", value)
+    return bool(value)
+
+
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFormatError(key, "a positive integer", value)
+    return value
+
+
+def _number(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterFormatError(key, "a finite number", value)
+    return value
+
+
+def _regex(key: str, pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise AdapterFormatError(key, f"a valid regular expression ({e})", pattern) from e
+    return pattern
+
+
+def _strings(key: str, value) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value or []
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise AdapterFormatError(key, "a string or a list of strings", value)
+    return tuple(_regex(key, v) for v in values if v)
+
+
+def _names_or_regex(key: str, value) -> tuple[str, ...] | str:
+    if isinstance(value, str):
+        return _regex(key, value)
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return tuple(value or ())
+    raise AdapterFormatError(key, "a regex string or a list of module names", value)
+
+
+def _targets(value) -> tuple[str, ...] | str:
+    if isinstance(value, str) and value.lower() == "all-linear":
+        return "all-linear"
+    if not value:
+        raise AdapterFormatError("target_modules", "a non-empty list of module names, a regex or 'all-linear'", value)
+    return _names_or_regex("target_modules", value)
+
+
+def _layers(value) -> tuple[int, ...]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value or []
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise AdapterFormatError("layers_to_transform", "an integer or a list of integers", value)
+    return tuple(values)
+
+
+def _patterns(key: str, value, check) -> dict:
+    if not isinstance(value or {}, dict):
+        raise AdapterFormatError(key, "an object of module-name patterns", value)
+    return {_regex(key, k): check(f"{key}[{k!r}]", v) for k, v in (value or {}).items()}
+
+
+# ---------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A loaded, validated LoRA: per targeted module name (as the HF model names it), its weights."""
+
+    spec: LoraSpec
+    modules: dict[str, LoraWeights]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
+        return LoraAdapter(self.spec, {n: w.to(device, dtype) for n, w in self.modules.items()})
+
+
+def load_lora(folder: Path, model: nn.Module) -> LoraAdapter:
+    """Read and validate a PEFT LoRA folder against `model` (the HF model, wrapped or not). fp32, CPU."""
+    folder = Path(folder)
+    spec = parse_lora_config(_read_config(folder / CONFIG_FILE))
+    targets = _target_names(spec, model)
+    parts, extra_biases = _split_keys(_read_tensors(folder), targets, model)
+    for key, tensor in extra_biases.items():
+        _check_untouched_bias(model, key, tensor)
+    modules = {name: _module_weights(spec, model, name, parts.get(name, {})) for name in targets}
+    return LoraAdapter(spec, modules)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise AdapterFormatError(CONFIG_FILE, "a file in the adapter folder", "none") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(CONFIG_FILE, "valid JSON", str(e)) from e
+
+
+def _read_tensors(folder: Path) -> dict[str, Tensor]:
+    if (folder / SAFETENSORS_FILE).is_file():
+        try:
+            return load_file(folder / SAFETENSORS_FILE, device="cpu")
+        except safetensors.SafetensorError as e:
+            raise AdapterFormatError(SAFETENSORS_FILE, "a valid safetensors file", str(e)) from e
+    if (folder / BIN_FILE).is_file():
+        return _read_bin(folder / BIN_FILE)
+    raise AdapterFormatError(SAFETENSORS_FILE, f"a weights file in the adapter folder (or {BIN_FILE})", "none")
+
+
+def _read_bin(path: Path) -> dict[str, Tensor]:
+    """A pickled state dict, through the weights-only unpickler only."""
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise AdapterFormatError(BIN_FILE, "a weights-only torch file of tensors",
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise AdapterFormatError(BIN_FILE, "a dict of name -> tensor", type(obj).__name__)
+    return obj
+
+
+def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = output.base_layer if isinstance(output, LoraLinear) else output
+    names = []
+    for name, module in named_layers(model):
+        if not spec.selects(name, module, output):
+            continue
+        if not isinstance(module, LINEAR_TYPES):
+            raise AdapterFormatError("target_modules", "only nn.Linear or Conv1D modules",
+                                     f"{name} ({type(module).__name__})")
+        names.append(name)
+    if not names:
+        raise AdapterFormatError("target_modules", "to select at least one module of the base model",
+                                 spec.target_modules)
+    return names
+
+
+def _split_keys(tensors: dict[str, Tensor], targets: list[str], model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
+    """File keys -> ({module name: {part: (key, tensor)}}, {key: bias of an untargeted module (bias="all")})."""
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    extra: dict[str, Tensor] = {}
+    targeted = set(targets)
+    for key, tensor in tensors.items():
+        rest = key.removeprefix(KEY_PREFIX)
+        part = next((p for p in PARTS if rest.endswith(f".{p}")), None)
+        name = rest[: -len(part) - 1] if part else rest.removesuffix(".bias")
+        if key.startswith(KEY_PREFIX) and part and name in targeted:
+            parts.setdefault(name, {})[part] = (key, tensor)
+        elif key.startswith(KEY_PREFIX) and not part and rest.endswith(".bias") and name not in targeted:
+            extra[key] = tensor
+        else:
+            raise AdapterFormatError(key, f"'{KEY_PREFIX}<module>.<part>', <module> selected by the config and "
+                                     f"<part> one of {', '.join(PARTS)}", _why_unknown(model, key, name))
+    return parts, extra
+
+
+def _why_unknown(model: nn.Module, key: str, name: str) -> str:
+    if not key.startswith(KEY_PREFIX):
+        return f"a key without the prefix {KEY_PREFIX!r}"
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return f"{name}: no such module in the base model"
+    return f"{name}: a module not selected by target_modules / exclude_modules / layers_to_transform"
+
+
+def _check_untouched_bias(model: nn.Module, key: str, tensor: Tensor) -> None:
+    """bias="all" saves every bias of the model; serve only those equal to the base's."""
+    name = key.removeprefix(KEY_PREFIX).removesuffix(".bias")
+    try:
+        bias = base_layer(model, name).bias
+    except AttributeError as e:
+        raise AdapterFormatError(key, "the bias of a module of the base model", "no such module or bias") from e
+    if bias is None or bias.shape != tensor.shape:
+        raise AdapterFormatError(key, f"shape {None if bias is None else tuple(bias.shape)}", tuple(tensor.shape))
+    if not torch.equal(pristine(model, name, "bias").cpu(), tensor.to(bias.dtype)):
+        raise AdapterFormatError(key, "the base model's bias (a trained bias is served only on a LoRA-targeted "
+                                 "module)", "a different bias")
+
+
+def _module_weights(spec: LoraSpec, model: nn.Module, name: str, parts: dict) -> LoraWeights:
+    layer = base_layer(model, name)
+    n_in, n_out = _in_out(layer)
+    r, scale = spec.rank_and_scale(name)
+    a = _tensor(parts, name, "lora_A.weight", (r, n_in), required=True)
+    b = _tensor(parts, name, "lora_B.weight", (n_out, r), required=True)
+    lora_bias = _tensor(parts, name, "lora_B.bias", (n_out,), required=spec.lora_bias, allowed=spec.lora_bias)
+    magnitude = _tensor(parts, name, "lora_magnitude_vector", (n_out,), required=spec.use_dora,
+                        allowed=spec.use_dora)
+    base_bias = _replaced_bias(model, name, layer, _tensor(parts, name, "base_layer.bias", (n_out,)))
+    dora = None if magnitude is None else magnitude / dora_norm(model, name, a, b, scale)
+    return LoraWeights(a, b, scale, dora, lora_bias, base_bias, bias_shift(model, name, scale, lora_bias, base_bias))
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    # nn.Linear weight: [out, in]; transformers Conv1D weight: [in, out]
+    n_a, n_b = layer.weight.shape
+    return (n_a, n_b) if isinstance(layer, Conv1D) else (n_b, n_a)
+
+
+def _tensor(parts: dict, name: str, part: str, shape: tuple[int, ...], required: bool = False,
+            allowed: bool = True) -> Tensor | None:
+    """One part of a module's file entry, checked: present iff expected, shape, finite. fp32."""
+    key, tensor = parts.get(part, (f"{KEY_PREFIX}{name}.{part}", None))
+    if tensor is None:
+        if required:
+            raise AdapterFormatError(key, f"a tensor of shape {shape} for targeted module {name}", "missing")
+        return None
+    if not allowed:
+        raise AdapterFormatError(key, "no such tensor (its config flag, lora_bias or use_dora, is false)", "present")
+    if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+        raise AdapterFormatError(key, f"a float tensor of shape {shape} to fit {name}",
+                                 f"{tensor.dtype} {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise AdapterFormatError(key, "finite values", "NaN or Inf")
+    return tensor.float()
+
+
+def _replaced_bias(model: nn.Module, name: str, layer: nn.Module, bias: Tensor | None) -> Tensor | None:
+    """The file's base_layer.bias (bias="all"/"lora_only"), or None where it equals the base's."""
+    if bias is None:
+        return None
+    if layer.bias is None:
+        raise AdapterFormatError(f"{KEY_PREFIX}{name}.base_layer.bias", f"no bias ({name} has none)", "a bias")
+    return None if torch.equal(bias, pristine(model, name, "bias").float().cpu()) else bias
