@@ -1,4 +1,9 @@
-"""create_app(settings): the FastAPI app; its lifespan loads the model, the adapters and starts the engine."""
+"""create_app(settings): the FastAPI app; its lifespan loads the model, opens the adapter store and starts the engine.
+
+`--adapter NAME=DIR` flags are imported into the store at start-up (normalised, validated, written
+atomically like an upload), replacing a stored adapter of that name unless the folder's files are
+unchanged; so a flag's adapter stays registered after a restart without the flag, until deleted.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.adapters.lora import LoraContext
 from server.adapters.registry import Registry
 from server.api import adapters, generate, health, openai
 from server.api.generation import Generation
@@ -22,6 +26,7 @@ from server.engine.engine import Engine, EngineSettings
 from server.errors import HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
 from server.model import load_base_model
+from server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +48,18 @@ async def _lifespan(app: FastAPI):
         torch.set_num_threads(settings.threads)
     base = load_base_model(settings.model, settings.device, settings.dtype)
     metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
-    registry = Registry(base, metrics)
+    registry = Registry(base, metrics, Store(settings.store), settings.max_resident_adapters,
+                        settings.max_adapter_memory_bytes)
+    await asyncio.to_thread(registry.open)  # recover interrupted writes, register what the store holds
     for name, folder in _adapter_flags(settings.adapter):
-        registry.add(registry.load(name, folder))
-    engine = Engine(base, _engine_settings(settings), metrics, LoraContext(), release=_releaser(registry))
+        await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
+                                skip_unchanged=True)
+    engine = Engine(base, _engine_settings(settings), metrics, release=_releaser(registry))
     engine.start()
     app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
     app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
     app.state.started_at = time.time()
+    await registry.preload_pinned()
     await asyncio.to_thread(engine.ready.wait)
     log.info("ready: %s with %d adapters", base.name, len(registry.all()))
     yield

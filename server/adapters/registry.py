@@ -1,27 +1,71 @@
-"""The registry: adapter name -> adapter, with reference counts held by requests.
+"""The registry: adapter name -> registration (files in the store) -> resident weights (on the device).
 
-A request acquires its adapter when it is accepted and releases it when it ends,
-so a delete or a replace never pulls weights from under a running request: the
-old `Adapter` object lives on in the requests that hold it, new requests get the
-new state (or 404).
+Thousands of adapters may be registered; a registration holds only its manifest. A bounded set is
+resident: the LRU below, bounded by count and bytes, where pinned adapters stay and an adapter a
+request holds (`users > 0`) is never evicted. A request acquires its adapter, which loads it on
+first use (in a worker thread, once however many requests ask at the same time; the request only
+waits) and releases it when it ends. A new adapter is loaded and validated before anything is
+evicted; when nothing can be evicted, the acquiring request waits (bounded) for a release.
+
+A delete or a replace never pulls weights from under a running request: the old `Adapter` object
+lives on in the requests that hold it (an "orphan", still counted as resident until its last
+user releases it); new requests get the new state, or 404.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.adapters.kinds import Kind, Weights, load_weights
-from server.errors import AdapterExistsError, AdapterNotFoundError, InvalidRequestError
-from server.metrics import Metrics
+from server.adapters.lora import LoraAdapter
+from server.adapters.prompt import PromptAdapter
+from server.errors import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterNotFoundError,
+    HotswapError,
+    InvalidRequestError,
+)
+from server.metrics import ADAPTER_KINDS, Metrics
 from server.model import BaseModel
+from server.store import (
+    Store,
+    StoreCorruptError,
+    check_name,
+    new_manifest,
+    normalise,
+    select,
+)
+
+log = logging.getLogger(__name__)
 
 MODES = ("merged", "unmerged")
+ACQUIRE_TIMEOUT_S = 60.0  # longest a request waits for a resident slot before 503
+
+
+class AdapterCapacityError(HotswapError):
+    """No resident slot can be freed for the adapter now (every one is pinned or in use) (503)."""
+
+    status = 503
+    type = "adapter_capacity"
+
+
+class AdapterLoadError(HotswapError):
+    """A registered adapter's files could not be read back from the store (500)."""
+
+    status = 500
+    type = "adapter_load_failed"
 
 
 @dataclass(eq=False)
 class Adapter:
+    """Resident weights of one registered version of an adapter; what a request holds."""
+
     name: str
     kind: Kind
     weights: Weights  # on the base model's device and dtype
@@ -36,6 +80,7 @@ class Adapter:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes its weights take on the device."""
         return self.weights.size_bytes
 
     def mode_for(self, requested: str | None) -> str:
@@ -47,83 +92,393 @@ class Adapter:
         return requested or self.default_mode
 
     def record(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "default_mode": self.default_mode, "resident": True,
+                "memory_bytes": self.size_bytes, "created_at": self.created_at, "source": self.source,
+                "in_use": self.users}
+
+
+@dataclass(eq=False)
+class Entry:
+    """A registered adapter: its manifest (what the store holds) and its resident `Adapter`, if any."""
+
+    manifest: dict
+    folder: Path
+    pinned: bool = False
+    adapter: Adapter | None = None  # guarded by the registry's lock
+    loading: asyncio.Task | None = None  # the one load in flight (event loop only)
+    waiting: int = 0  # acquirers waiting for that load: not evictable meanwhile
+
+    name = property(lambda self: self.manifest["name"])
+    kind = property(lambda self: self.manifest["kind"])
+    default_mode = property(lambda self: self.manifest["default_mode"])
+    created_at = property(lambda self: self.manifest["created_at"])
+
+    def record(self) -> dict:
+        m, adapter = self.manifest, self.adapter
         return {
-            "name": self.name,
-            "kind": self.kind,
-            "default_mode": self.default_mode,
-            "resident": True,
-            "size_bytes": self.size_bytes,
-            "created_at": self.created_at,
-            "source": self.source,
-            "in_use": self.users,
+            "name": self.name, "kind": self.kind, "default_mode": self.default_mode,
+            "resident": adapter is not None, "pinned": self.pinned, "in_use": adapter.users if adapter else 0,
+            "size_bytes": m["size_bytes"], "memory_bytes": adapter.size_bytes if adapter else 0,
+            "created_at": self.created_at, "source": m.get("source", ""), "source_format": m["source_format"],
+            "details": m.get("details", {}), "files": m["files"], "ignored_files": m.get("ignored_files", []),
         }
 
 
 class Registry:
-    def __init__(self, base: BaseModel, metrics: Metrics) -> None:
+    def __init__(self, base: BaseModel, metrics: Metrics, store: Store, max_resident: int = 64,
+                 max_memory_bytes: int = 0) -> None:
         self.base = base
         self.metrics = metrics
-        self._adapters: dict[str, Adapter] = {}
-        self._lock = threading.Lock()
+        self.store = store
+        self.max_resident = max_resident  # 0: unbounded
+        self.max_memory_bytes = max_memory_bytes  # 0: unbounded
+        self.peak_resident = 0
+        self._entries: dict[str, Entry] = {}
+        self._resident: OrderedDict[str, Adapter] = OrderedDict()  # least recently used first
+        self._orphans: dict[int, Adapter] = {}  # deleted or replaced, still held by requests
+        self._lock = threading.Lock()  # the maps above and `users`; never held across I/O or an await
+        self._admin = threading.Lock()  # serialises writes to the store
+        self._model_lock = threading.Lock()  # one load at a time touches the base model (LoRA wraps modules)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future] = []  # admissions waiting for a release (event loop only)
 
-    def load(self, name: str, folder: Path, default_mode: str | None = None, source: str = "") -> Adapter:
-        """Read and validate a folder into an Adapter on the device (not yet registered)."""
-        t0 = time.perf_counter()
-        kind, weights = load_weights(folder, self.base)
-        mode = _default_mode(kind, default_mode)
-        adapter = Adapter(name, kind, weights.to(self.base.device, self.base.dtype), mode, source or str(folder))
-        self.metrics.adapter_loaded(kind, time.perf_counter() - t0)
-        return adapter
+    # ---- registrations ---------------------------------------------------------------
 
-    def add(self, adapter: Adapter, replace: bool = False) -> None:
-        with self._lock:
-            if adapter.name in self._adapters and not replace:
-                raise AdapterExistsError(f"adapter {adapter.name!r} exists; use replace=true to replace it")
-            self._adapters[adapter.name] = adapter
+    def open(self) -> None:
+        """Recover the store from any interrupted write and register what it holds (manifests only)."""
+        self.store.recover()
+        for manifest in self.store.manifests():
+            if manifest.get("kind") not in ADAPTER_KINDS:
+                log.warning("store: skipping %s (unknown kind %r)", manifest["name"], manifest.get("kind"))
+                continue
+            name = manifest["name"]
+            self._entries[name] = Entry(manifest, self.store.folder(name), pinned=bool(manifest.get("pinned")))
         self._publish()
 
-    def remove(self, name: str) -> Adapter:
-        with self._lock:
-            adapter = self._adapters.pop(name, None)
-        if adapter is None:
+    def get(self, name: str) -> Entry:
+        entry = self._entries.get(name)
+        if entry is None:
             raise AdapterNotFoundError(name)
+        return entry
+
+    def all(self) -> list[Entry]:
+        with self._lock:
+            entries = list(self._entries.values())
+        return sorted(entries, key=lambda e: e.name)
+
+    def register(self, name: str, raw: Path, staging: Path, *, default_mode: str | None = None,
+                 replace: bool = False, source: str = "upload") -> Entry:
+        """Normalise, validate against the base model and store a raw adapter folder (blocking: worker thread).
+
+        `staging` is an empty folder from `store.staging()`; the caller discards it afterwards.
+        """
+        check_name(name)
+        if not replace and name in self._entries:
+            raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it")
+        sel = _untrusted(select, raw)
+        mode = _default_mode(sel.kind, default_mode)
+        built = staging / "adapter"
+        files = _untrusted(normalise, sel, built)
+        with self._model_lock:
+            kind, weights = _untrusted(load_weights, built, self.base)
+        need = self._device_bytes(weights.size_bytes)
+        if self.max_memory_bytes and need > self.max_memory_bytes:
+            raise AdapterFormatError("weights", f"at most {self.max_memory_bytes} bytes on the device "
+                                     "(--max-adapter-memory-bytes)", f"{need} bytes")
+        manifest = new_manifest(name, sel, files, describe(weights), default_mode=mode, source=source,
+                                base_model=self.base.name, weights_bytes=weights.size_bytes)
+        del weights  # validated; registered adapters hold no tensors until first use
+        with self._admin:
+            old = self._entries.get(name)
+            if old is not None and not replace:
+                raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it")
+            manifest["pinned"] = bool(old and old.pinned)
+            self.store.write_manifest(built, manifest)
+            self.store.commit(built, name, replace)
+            entry = Entry(manifest, self.store.folder(name), pinned=manifest["pinned"])
+            with self._lock:
+                self._entries[name] = entry
+                if old is not None:
+                    self._unseat(old)
+        log.info("registered %s (%s, %s)%s", name, kind, manifest["source_format"], " replacing" if old else "")
         self._publish()
-        return adapter
+        self._wake_soon()
+        return entry
 
-    def get(self, name: str) -> Adapter:
-        adapter = self._adapters.get(name)
-        if adapter is None:
-            raise AdapterNotFoundError(name)
-        return adapter
+    def import_folder(self, name: str, folder: Path, *, source: str, replace: bool = False,
+                      skip_unchanged: bool = False) -> Entry:
+        """Register a folder on the server's disk (a copy goes into the store). Blocking."""
+        if not folder.is_dir():
+            raise InvalidRequestError(f"{source}: expected an adapter folder, got {'a file' if folder.exists() else 'no such path'}")
+        current = self._entries.get(name)
+        if skip_unchanged and current and current.manifest.get("source_sha256") == _untrusted(select, folder).source_sha256():
+            return current
+        staging = self.store.staging()
+        try:
+            return self.register(name, folder, staging, replace=replace, source=source)
+        finally:
+            self.store.discard(staging)
 
-    def all(self) -> list[Adapter]:
-        return sorted(self._adapters.values(), key=lambda a: a.name)
+    def unregister(self, name: str) -> None:
+        """Delete from the store and the registry; requests holding it finish on it. Blocking."""
+        with self._admin:
+            if name not in self._entries:
+                raise AdapterNotFoundError(name)
+            try:
+                self.store.remove(name)
+            except AdapterNotFoundError:
+                log.warning("store: %s was already gone from disk", name)
+            with self._lock:
+                self._unseat(self._entries.pop(name))
+        log.info("deleted %s", name)
+        self._publish()
+        self._wake_soon()
 
-    def acquire(self, name: str) -> Adapter:
-        with self._lock:
-            adapter = self.get(name)
-            adapter.users += 1
-        return adapter
+    async def pin(self, name: str, pinned: bool = True) -> Entry:
+        """Pin (load now, never evict) or unpin; the flag is kept in the manifest."""
+        adapter = await self.acquire(name) if pinned else None
+        try:
+            return await asyncio.to_thread(self._set_pinned, name, pinned)
+        finally:
+            if adapter is not None:
+                self.release(adapter)
+
+    def _set_pinned(self, name: str, pinned: bool) -> Entry:
+        with self._admin:
+            entry = self.get(name)
+            if entry.pinned != pinned:
+                self.store.write_manifest(entry.folder, {**entry.manifest, "pinned": pinned})
+                entry.manifest["pinned"] = entry.pinned = pinned
+        self._wake_soon()
+        return entry
+
+    async def preload_pinned(self) -> None:
+        for entry in [e for e in self.all() if e.pinned]:
+            try:
+                self.release(await self.acquire(entry.name))
+            except HotswapError as exc:
+                log.warning("pinned adapter %s not loaded: %s", entry.name, exc.message)
+
+    # ---- requests --------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> Adapter:
+        """The adapter's resident weights, loading them on first use; the caller must `release` it."""
+        self._loop = asyncio.get_running_loop()
+        deadline = self._loop.time() + ACQUIRE_TIMEOUT_S
+        while True:
+            with self._lock:
+                entry = self.get(name)
+                if entry.adapter is not None:
+                    return self._take(entry)
+                if entry.loading is None:
+                    entry.loading = self._loop.create_task(self._load(entry, deadline))
+                task = entry.loading
+                entry.waiting += 1
+            try:
+                await asyncio.shield(task)
+            except HotswapError:
+                with self._lock:
+                    entry.waiting -= 1
+                if self._entries.get(name) is entry:
+                    raise
+                continue  # deleted or replaced while loading: look again
+            except asyncio.CancelledError:
+                with self._lock:
+                    entry.waiting -= 1
+                raise
+            with self._lock:
+                entry.waiting -= 1
+                if entry.adapter is not None and self._entries.get(name) is entry:
+                    return self._take(entry)
 
     def release(self, adapter: Adapter) -> None:
+        """A request holding `adapter` ended (any thread)."""
+        freed = False
         with self._lock:
             adapter.users -= 1
+            if adapter.users > 0:
+                return
+            freed = self._orphans.pop(id(adapter), None) is not None
+        if freed:
+            self._publish()
+        self._wake_soon()
+
+    def _take(self, entry: Entry) -> Adapter:
+        """Under the lock: one more user, most recently used."""
+        adapter = entry.adapter
+        assert adapter is not None
+        adapter.users += 1
+        self._resident.move_to_end(entry.name)
+        return adapter
+
+    # ---- residency -------------------------------------------------------------------
+
+    async def _load(self, entry: Entry, deadline: float) -> None:
+        try:
+            t0 = time.perf_counter()
+            try:
+                adapter = await asyncio.to_thread(self._read, entry)
+            except HotswapError:
+                raise
+            except Exception as exc:
+                raise AdapterLoadError(f"adapter {entry.name!r}: reading it from the store failed: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            self.metrics.adapter_loaded(entry.kind, time.perf_counter() - t0)
+            await self._admit(entry, adapter, deadline)
+        finally:
+            entry.loading = None
+
+    def _read(self, entry: Entry) -> Adapter:
+        """Worker thread: check the files against the manifest, load, place on the device."""
+        self.store.verify(entry.name, entry.manifest)
+        with self._model_lock:
+            kind, weights = load_weights(entry.folder, self.base)
+        if kind != entry.kind:
+            raise StoreCorruptError(f"store adapter {entry.name}: expected kind {entry.kind}, got {kind}")
+        weights = weights.to(self.base.device, self.base.dtype)
+        return Adapter(entry.name, kind, weights, entry.default_mode, entry.manifest.get("source", ""),
+                       entry.created_at)
+
+    async def _admit(self, entry: Entry, adapter: Adapter, deadline: float) -> None:
+        """Make room (evicting least recently used, unheld, unpinned adapters) and seat `adapter`."""
+        need = adapter.size_bytes
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._entries.get(entry.name) is not entry:
+                    return  # deleted or replaced while loading: drop what was loaded
+                self._check_fits(entry, need)
+                victims = self._victims(need)
+                if victims is not None:
+                    for name in victims:
+                        self._entries[name].adapter = None
+                        del self._resident[name]
+                    entry.adapter = adapter
+                    self._resident[entry.name] = adapter
+                    self.peak_resident = max(self.peak_resident, len(self._resident) + len(self._orphans))
+                    break
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+            remaining = deadline - loop.time()
+            try:
+                await asyncio.wait_for(waiter, max(remaining, 0))
+            except TimeoutError as exc:
+                raise AdapterCapacityError(
+                    f"adapter {entry.name!r}: no resident slot freed within {ACQUIRE_TIMEOUT_S:.0f}s "
+                    f"({self.max_resident} slots, all pinned or in use); retry later") from exc
+        if victims:
+            self.metrics.evicted(len(victims))
+        self._publish()
+
+    def _check_fits(self, entry: Entry, need: int) -> None:
+        """Under the lock: refuse at once what could never fit, whatever is released."""
+        if self.max_memory_bytes and need > self.max_memory_bytes:
+            raise AdapterCapacityError(f"adapter {entry.name!r} needs {need} bytes on the device; "
+                                       f"--max-adapter-memory-bytes is {self.max_memory_bytes}")
+        if entry.pinned:
+            return
+        pinned = [a for n, a in self._resident.items() if self._entries[n].pinned]
+        if self.max_resident and len(pinned) >= self.max_resident:
+            raise AdapterCapacityError(f"adapter {entry.name!r}: all {self.max_resident} resident slots are pinned")
+        if self.max_memory_bytes and sum(a.size_bytes for a in pinned) + need > self.max_memory_bytes:
+            raise AdapterCapacityError(f"adapter {entry.name!r}: pinned adapters leave less than {need} bytes "
+                                       f"of --max-adapter-memory-bytes {self.max_memory_bytes}")
+
+    def _victims(self, need: int) -> list[str] | None:
+        """Under the lock: the fewest least-recently-used evictable names that make room, or None."""
+        live = [*self._resident.values(), *self._orphans.values()]
+        count, used = len(live), sum(a.size_bytes for a in live)
+        victims: list[str] = []
+        for name, adapter in self._resident.items():
+            if self._fits(count, used, need):
+                break
+            entry = self._entries[name]
+            if adapter.users == 0 and not entry.pinned and entry.waiting == 0:
+                victims.append(name)
+                count, used = count - 1, used - adapter.size_bytes
+        return victims if self._fits(count, used, need) else None
+
+    def _fits(self, count: int, used: int, need: int) -> bool:
+        return ((not self.max_resident or count + 1 <= self.max_resident)
+                and (not self.max_memory_bytes or used + need <= self.max_memory_bytes))
+
+    def _unseat(self, entry: Entry) -> None:
+        """Under the lock: `entry` is no longer registered; its adapter lives on while requests hold it."""
+        adapter, entry.adapter = entry.adapter, None
+        if adapter is not None:
+            if self._resident.get(entry.name) is adapter:
+                del self._resident[entry.name]
+            if adapter.users > 0:
+                self._orphans[id(adapter)] = adapter
+
+    def _wake_soon(self) -> None:
+        """From any thread: let waiting admissions look again."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop closed meanwhile (shutdown)
+                pass
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _device_bytes(self, fp32_bytes: int) -> int:
+        return fp32_bytes * self.base.dtype.itemsize // 4
+
+    def resident_count(self) -> int:
+        with self._lock:
+            return len(self._resident) + len(self._orphans)
 
     def _publish(self) -> None:
-        counts = {k: 0 for k in ("lora", "prompt", "bottleneck")}
-        for a in self._adapters.values():
-            counts[a.kind] += 1
-        for kind, n in counts.items():
-            self.metrics.set_registered(kind, n)
-            self.metrics.set_resident(kind, n)
+        with self._lock:
+            registered = Counter(e.kind for e in self._entries.values())
+            live = [*self._resident.values(), *self._orphans.values()]
+        resident = Counter(a.kind for a in live)
+        for kind in ADAPTER_KINDS:
+            self.metrics.set_registered(kind, registered[kind])
+            self.metrics.set_resident(kind, resident[kind])
+        self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live))
+
+
+def describe(weights: Weights) -> dict:
+    """The manifest's `details`: what shapes the adapter (rank, virtual tokens, reduction factor...)."""
+    if isinstance(weights, LoraAdapter):
+        lora = weights.spec
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        return {"r": lora.r, "lora_alpha": lora.lora_alpha, "ranks": sorted({w.rank for w in weights.modules.values()}),
+                "use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "target_modules": targets,
+                "n_modules": len(weights.modules)}
+    if isinstance(weights, PromptAdapter):
+        prompt = weights.spec
+        return {"peft_type": prompt.peft_type, "num_virtual_tokens": prompt.num_virtual_tokens,
+                "token_dim": prompt.token_dim}
+    bn = weights.spec
+    return {"reduction_factor": bn.reduction_factor, "positions": list(bn.positions()),
+            "non_linearity": bn.non_linearity, "is_parallel": bn.is_parallel,
+            "layers": sorted({layer for _, layer in weights.sites})}
+
+
+def _untrusted(fn, *args):
+    """Run a reader over uploaded files: any failure that is not already typed is the files' fault (422)."""
+    try:
+        return fn(*args)
+    except (HotswapError, OSError):  # typed already, or the server's own disk
+        raise
+    except Exception as exc:
+        log.warning("adapter files refused: %s: %s", type(exc).__name__, exc, exc_info=True)
+        raise AdapterFormatError("files", "adapter files these loaders can read", f"{type(exc).__name__}: {exc}") from exc
 
 
 def _default_mode(kind: Kind, requested: str | None) -> str:
     if kind != "lora":
-        if requested not in (None, "none", "unmerged"):
+        if requested not in (None, "", "none", "unmerged"):
             raise InvalidRequestError(f"default_mode: merged applies to LoRA adapters only, got {requested!r}")
         return "none"
-    if requested is None:
+    if not requested:
         return "unmerged"
     if requested not in MODES:
         raise InvalidRequestError(f"default_mode: expected merged or unmerged, got {requested!r}")
