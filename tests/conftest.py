@@ -5,7 +5,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +60,19 @@ def live_server(tmp_path: Path, **overrides) -> Iterator[LiveServer]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, thread)
+        wait_ready(url, thread.is_alive)
         yield LiveServer(url, app)
     finally:
         server.should_exit = True
         thread.join(60)
 
 
-def _wait_ready(url: str, thread: threading.Thread, timeout_s: float = 120) -> None:
+def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float = 120) -> None:
+    """Poll GET /ready until 200; fail early if the server (thread or process) died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not thread.is_alive():
-            raise RuntimeError("server thread died during start-up")
+        if not alive():
+            raise RuntimeError(f"server for {url} died during start-up")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return

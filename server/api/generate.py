@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.deps import require_api_key
 from server.api.generation import Generation, Job, Outcome
 from server.api.schemas import GenerateBody
-from server.engine.sampling import SamplingParams
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -19,16 +18,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def generate(body: GenerateBody, request: Request, adapter: str | None = None):
     gen: Generation = request.app.state.generation
     ids = gen.tokenize(body.prompt, body.prompt_token_ids)
-    params = SamplingParams(
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stops(),
-        ignore_eos=body.ignore_eos,
-    )
-    job = await gen.job(adapter or None, ids, params, body.mode)
+    job = await gen.job(adapter or None, ids, body.params(body.max_new_tokens), body.mode)
     if body.stream:
         return StreamingResponse(_sse(gen, job), media_type="text/event-stream")
     return JSONResponse(_response(job, await gen.run(job)))

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.deps import require_api_key
 from server.api.generation import Generation, Job, Outcome
-from server.api.schemas import ChatBody, ChatMessage, CompletionBody, SamplingFields
-from server.engine.sampling import SamplingParams
+from server.api.schemas import ChatBody, ChatMessage, CompletionBody
 from server.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -37,7 +36,7 @@ async def completions(body: CompletionBody, request: Request):
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise InvalidRequestError(f"prompt: expected one string or one list of token ids, got a batch of {len(prompt)}")
     ids = gen.tokenize(None, prompt) if isinstance(prompt, list) else gen.tokenize(prompt, None)
-    job = await gen.job(_adapter_of(request, body.model), ids, _params(body, body.max_tokens), None)
+    job = await gen.job(_adapter_of(request, body.model), ids, body.params(body.max_tokens), None)
     return await _answer(gen, job, body.model, body.stream, chat=False)
 
 
@@ -45,24 +44,12 @@ async def completions(body: CompletionBody, request: Request):
 async def chat_completions(body: ChatBody, request: Request):
     gen: Generation = request.app.state.generation
     ids = gen.tokenize(None, _chat_ids(gen, body.messages))
-    job = await gen.job(_adapter_of(request, body.model), ids, _params(body, body.limit(256)), None)
+    job = await gen.job(_adapter_of(request, body.model), ids, body.params(body.limit(256)), None)
     return await _answer(gen, job, body.model, body.stream, chat=True)
 
 
 def _adapter_of(request: Request, model: str) -> str | None:
     return None if model == request.app.state.base.name else model
-
-
-def _params(body: SamplingFields, max_tokens: int) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stops(),
-        ignore_eos=body.ignore_eos,
-    )
 
 
 def _chat_ids(gen: Generation, messages: list[ChatMessage]) -> list[int]:

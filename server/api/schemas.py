@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from server.engine.sampling import SamplingParams
+
 
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -16,10 +18,17 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
 
-    def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
+    def params(self, max_new_tokens: int) -> SamplingParams:
+        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=tuple(s for s in stops if s),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class GenerateBody(SamplingFields):

@@ -27,14 +27,6 @@ GEOMETRY = Geometry(n_layers=4, hidden=256, n_kv_heads=2, head_dim=64, vocab=409
 KEY = "model.layers.{i}.output_adapters.adapters.seq_bn-rf16.{param}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def references(base: str) -> dict:
     return json.loads((FIXTURES / "adapterhub" / base / "references.json").read_text())

@@ -64,14 +64,6 @@ def random_ids(base: str, rows: int, length: int = 6) -> torch.Tensor:
     return torch.randint(2, 4096, (rows, length), generator=torch.Generator().manual_seed(rows))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest and immune to a busy machine (2 threads can be 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def served() -> dict[str, Served]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import LLAMA, free_port, live_server
+from tests.conftest import LLAMA, free_port, live_server, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(url)
+        wait_ready(url, lambda: proc.poll() is None)
         result: dict = {}
         started = threading.Event()
 
@@ -99,14 +99,3 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _wait(url: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise TimeoutError(url)

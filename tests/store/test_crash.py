@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import LLAMA, free_port, references
+from tests.conftest import LLAMA, free_port, references, wait_ready
 from tests.store.helpers import (
     BOUNDARY,
     PROMPT,
@@ -33,19 +33,6 @@ def _start(store: Path, port: int, log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "server exited during start-up"
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
 def _outputs(url: str, adapter: str) -> list[list[int]]:
     with httpx.Client(base_url=url, timeout=60) as c:
         return [c.post("/generate", params={"adapter": adapter},
@@ -61,7 +48,7 @@ def test_sigkill_during_upload_leaves_no_trace(tmp_path):
     url = f"http://127.0.0.1:{port}"
     proc = _start(store, port, log)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, lambda: proc.poll() is None)
         with httpx.Client(base_url=url, timeout=60) as c:
             assert upload(c, "kept", files=folder_files(PROMPT)).status_code == 201
         before = _outputs(url, "kept")
@@ -105,7 +92,7 @@ def test_sigkill_during_upload_leaves_no_trace(tmp_path):
 
     proc = _start(store, port, log)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, lambda: proc.poll() is None)
         assert _temp_folders(store) == []
         assert sorted(p.name for p in store.iterdir()) == ["kept"]
         with httpx.Client(base_url=url, timeout=60) as c:

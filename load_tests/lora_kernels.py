@@ -1,0 +1,148 @@
+"""Micro-benchmark of the two ways to add per-row LoRA deltas in a mixed batch.
+
+    python -m load_tests.lora_kernels [--threads 2] [--device cpu] [--dtype float32]
+
+Shapes of the bench model's attention (hidden 768, 12 heads, 4 KV heads: q/o 768->768,
+k/v 768->256), 8 rows, r=16, decode (L=1) and prefill (L=32). For each batch composition it
+prints the time of base q/k/v/o alone and the extra time of each strategy:
+
+- grouped:  rows grouped by adapter; per group index_select, two matmuls, index_add
+            (written here, for comparison only)
+- gathered: BGMV style: per-row A/B stacked and zero-padded to the max rank at plan build,
+            two torch.bmm per forward (ModuleDelta fed per-row copies, so it never shares)
+- served:   server.adapters.lora_layer.ModuleDelta as the server builds it: gathered, except
+            that rows sharing one adapter use that adapter's A/B as they are (two folded matmuls)
+
+and the plan build time of each. "+" columns time the delta alone, added in place to a
+precomputed base output. Times are the minimum over repeated blocks (robust to other load on
+the machine), in microseconds per layer (4 modules).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from server.adapters.lora_layer import LoraWeights, ModuleDelta
+
+HIDDEN, KV = 768, 256
+MODULES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN)}  # name: (in, out)
+ROWS = 8
+# name: the adapter index of each row (None: base row) and each adapter's rank
+COMPOSITIONS = {
+    "1 adapter x8": ([0] * 8, [16]),
+    "2 adapters x4": ([0, 0, 0, 0, 1, 1, 1, 1], [16, 16]),
+    "4 adapters x2": ([0, 0, 1, 1, 2, 2, 3, 3], [16] * 4),
+    "8 adapters x1": (list(range(8)), [16] * 8),
+    "3 adapters r8/16/32 + 2 base": ([None, 0, 1, None, 2, 0, 1, 2], [8, 16, 32]),
+    "1 adapter x1 + 7 base": ([None] * 7 + [0], [16]),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    rows: Tensor | None  # [m] long; None: every row
+    w: LoraWeights
+
+
+def grouped_build(per_row: list[LoraWeights | None]) -> list[Group]:
+    by_id: dict[int, tuple[LoraWeights, list[int]]] = {}
+    for i, w in enumerate(per_row):
+        if w is not None:
+            by_id.setdefault(id(w), (w, []))[1].append(i)
+    return [Group(None if len(ix) == len(per_row) else torch.tensor(ix, device=w.A.device), w)
+            for w, ix in by_id.values()]
+
+
+def grouped_apply(groups: list[Group], x: Tensor, out: Tensor) -> Tensor:
+    for g in groups:
+        xs = x if g.rows is None else x.index_select(0, g.rows)  # [m, L, in]
+        delta = F.linear(F.linear(xs, g.w.A), g.w.B) * g.w.scale  # [m, L, r] -> [m, L, out]
+        if g.rows is None:
+            out.add_(delta)
+        else:
+            out.index_add_(0, g.rows, delta)
+    return out
+
+
+def gathered_apply(delta: ModuleDelta, x: Tensor, out: Tensor) -> Tensor:
+    return delta.apply(x, out, None)
+
+
+def best_us(fn: Callable[[], object], sync: Callable[[], None], blocks: int, per_block: int) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(blocks):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / per_block)
+    return best * 1e6
+
+
+def adapters_for(ranks: list[int], device: str, dtype: torch.dtype) -> list[dict[str, LoraWeights]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{m: LoraWeights(torch.randn(r, i, generator=gen) * 0.02, torch.randn(o, r, generator=gen) * 0.02,
+                            2.0).to(device, dtype) for m, (i, o) in MODULES.items()} for r in ranks]
+
+
+def run(device: str, dtype: torch.dtype, blocks: int) -> list[str]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    weights = {m: torch.randn(o, i, device=device, dtype=dtype) * 0.02 for m, (i, o) in MODULES.items()}
+    header = ("| L | composition | base q/k/v/o | grouped + | gathered + | served + | build grouped "
+              "| build gathered | build served |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for length in (1, 32):
+        x = torch.randn(ROWS, length, HIDDEN, device=device, dtype=dtype)  # [N, L, in]
+        base = {m: F.linear(x, w) for m, w in weights.items()}  # [N, L, out]
+        scratch = {m: out.clone() for m, out in base.items()}  # timed deltas accumulate in these
+        per_block = 200 if length == 1 else 50
+        t_base = best_us(lambda x=x: [F.linear(x, w) for w in weights.values()], sync, blocks, per_block)
+        for label, (row_adapter, ranks) in COMPOSITIONS.items():
+            adapters = adapters_for(ranks, device, dtype)
+            per_module = {m: [None if a is None else adapters[a][m] for a in row_adapter] for m in MODULES}
+            copies = {m: [None if w is None else replace(w) for w in rows] for m, rows in per_module.items()}
+            check = {m: grouped_apply(grouped_build(per_module[m]), x, base[m].clone()) for m in MODULES}
+            strategies = {
+                "grouped": (grouped_build, grouped_apply, per_module),
+                "gathered": (ModuleDelta.build, gathered_apply, copies),
+                "served": (ModuleDelta.build, gathered_apply, per_module),
+            }
+            run_us, build_us = [], []
+            for build, apply, inputs in strategies.values():
+                plans = {m: build(rows) for m, rows in inputs.items()}
+                for m in MODULES:
+                    tol = 1e-2 if dtype != torch.float32 else 1e-5
+                    torch.testing.assert_close(apply(plans[m], x, base[m].clone()), check[m], atol=tol, rtol=tol)
+                run_us.append(best_us(lambda p=plans, a=apply, x=x, s=scratch: [a(p[m], x, s[m]) for m in MODULES],
+                                      sync, blocks, per_block))
+                build_us.append(best_us(lambda b=build, i=inputs: [b(r) for r in i.values()], sync, blocks, 20))
+            cells = " | ".join(f"{t:.0f}" for t in run_us + build_us)
+            lines.append(f"| {length} | {label} | {t_base:.0f} | {cells} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--blocks", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        lines = run(args.device, getattr(torch, args.dtype), args.blocks)
+    print(f"device={args.device} dtype={args.dtype} threads={args.threads} (us per layer; '+' = added to base)")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

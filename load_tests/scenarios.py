@@ -1,0 +1,98 @@
+"""The named load scenarios: which requests go out together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from load_tests.client import GenerateRequest, Mode
+from load_tests.layout import (
+    CHURN_LORAS,
+    DOUBLE_SEQ_BN_ADAPTER,
+    PROMPT_ADAPTER,
+    RESIDENT_LORAS,
+    SEQ_BN_ADAPTER,
+    lora_name,
+    lora_names,
+)
+from load_tests.prompts import make_prompt
+
+Plan = list[tuple[str | None, Mode | None]]  # (adapter or None for base, LoRA mode) per request
+
+UNMERGED: Mode = "unmerged"
+MERGED: Mode = "merged"
+WARMUP_TOKENS = 4
+RAMP_LEVELS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_RAMP_LEVELS = (1, 2, 4, 8)
+DEFAULT_SCENARIOS = (
+    "base", "lora-mixed", "lora-merged", "lora-unmerged", "prompt",
+    "bottleneck", "all-kinds", "lora-32x8", "ramp",
+)
+ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    requests: tuple[GenerateRequest, ...]
+    warm: bool = True  # False: measure cold adapters (no warm-up pass)
+    uploads: tuple[str, ...] = ()  # adapters to register through POST /adapters if absent
+
+    @property
+    def concurrency(self) -> int:
+        return len(self.requests)
+
+    def adapters(self) -> set[str]:
+        return {r.adapter for r in self.requests if r.adapter is not None}
+
+    def warmup_requests(self) -> tuple[GenerateRequest, ...]:
+        return tuple(replace(r, max_new_tokens=min(WARMUP_TOKENS, r.max_new_tokens)) for r in self.requests)
+
+
+@dataclass(frozen=True)
+class ScenarioSettings:
+    max_new_tokens: int = 64
+    seed: int = 0
+    ramp_levels: tuple[int, ...] = RAMP_LEVELS
+
+
+def _lora(index: int, mode: Mode) -> tuple[str, Mode]:
+    return lora_name(index % RESIDENT_LORAS), mode
+
+
+def _plans() -> dict[str, Plan]:
+    return {
+        "base": [(None, None)] * 8,
+        "lora-mixed": [_lora(i, UNMERGED) for i in range(8)],
+        "lora-merged": [_lora(0, MERGED)] * 8,
+        "lora-unmerged": [_lora(0, UNMERGED)] * 8,
+        "prompt": [(PROMPT_ADAPTER, None)] * 8,
+        "bottleneck": [(SEQ_BN_ADAPTER, None)] * 8,
+        "all-kinds": [
+            (None, None), _lora(1, UNMERGED), _lora(2, UNMERGED), _lora(3, MERGED),
+            (PROMPT_ADAPTER, None), (SEQ_BN_ADAPTER, None), (DOUBLE_SEQ_BN_ADAPTER, None), (None, None),
+        ],
+        "lora-32x8": [_lora(i, UNMERGED) for i in range(32)],
+        "churn": [(name, UNMERGED) for name in lora_names(CHURN_LORAS)],
+    }
+
+
+def _scenario(name: str, plan: Plan, settings: ScenarioSettings) -> Scenario:
+    requests = tuple(
+        GenerateRequest(adapter, make_prompt(i, settings.seed), settings.max_new_tokens, mode)
+        for i, (adapter, mode) in enumerate(plan)
+    )
+    if name == "churn":
+        return Scenario(name, requests, warm=False, uploads=tuple(lora_names(CHURN_LORAS)[RESIDENT_LORAS:]))
+    return Scenario(name, requests)
+
+
+def build_scenarios(names: list[str], settings: ScenarioSettings) -> list[Scenario]:
+    plans = _plans()
+    scenarios: list[Scenario] = []
+    for name in names:
+        if name == "ramp":
+            scenarios += [_scenario(f"ramp-{n}", [(None, None)] * n, settings) for n in settings.ramp_levels]
+        elif name in plans:
+            scenarios.append(_scenario(name, plans[name], settings))
+        else:
+            raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(ALL_SCENARIOS)}")
+    return scenarios
