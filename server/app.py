@@ -46,7 +46,7 @@ async def _lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    base = load_base_model(settings.model, settings.device, settings.dtype)
+    base = load_base_model(settings.model, settings.device, settings.dtype, settings.onednn_linear)
     metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
     registry = Registry(base, metrics, Store(settings.store), settings.max_resident_adapters,
                         settings.max_adapter_memory_bytes)

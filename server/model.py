@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from server.adapters.lora import LoraContext
 from server.decoder import FAMILIES, Decoder
+from server.linear import use_onednn_linears
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def load_base_model(model_dir: Path | None, device: str = "auto", dtype: str = "auto") -> BaseModel:
+def load_base_model(model_dir: Path | None, device: str = "auto", dtype: str = "auto", onednn: bool = True) -> BaseModel:
     folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"--model: expected a folder with config.json, got {str(folder)!r}")
@@ -71,6 +72,8 @@ def load_base_model(model_dir: Path | None, device: str = "auto", dtype: str = "
     dt = resolve_dtype(dtype, dev)
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dt).to(dev)
     hf.eval().requires_grad_(False)
+    if onednn and dev.type == "cpu" and dt == torch.float32:
+        log.info("oneDNN matmul for %d linear layers", use_onednn_linears(hf))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     decoder = FAMILIES[config.model_type](hf)
     log.info("loaded %s (%s, %s params) on %s as %s", folder, config.model_type, _param_count(hf), dev, dt)
