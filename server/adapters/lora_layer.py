@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from server.engine.clock import AdapterClock
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+ONE_THREAD_MAX_TOKENS = 64  # CPU deltas over at most this many tokens run on one thread (see apply)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,22 @@ class ModuleDelta:
     dora: Tensor | None  # [M, 1, out] (or [out]): each row's DoRA g, ones on plain rows; None if no DoRA
 
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
-        """Add the delta to `out` = base_layer(x) in place and return it."""
+        """Add the delta to `out` = base_layer(x) in place and return it.
+
+        Few tokens on the CPU (decode): one thread. At these sizes OpenMP's fan-out costs more
+        than the products; measured in the engine thread on the 75M bench model, 8 rows of 8
+        adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms with 1 (BENCHMARKS.md).
+        """
+        if not (x.is_cpu and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
+            return self._apply(x, out, base_bias)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._apply(x, out, base_bias)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
         out3 = out.view(out.shape[0], -1, out.shape[-1])  # [N, L, out], shares out's storage
         xs = x3 if self.rows is None else x3.index_select(0, self.rows)  # [M, L, in]
