@@ -59,7 +59,7 @@ class Engine:
         self.batch = Batch(cache)
         self.clock = AdapterClock(base.device)
         self.prefiller = Prefiller(base, cache, settings)
-        limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.max_waiting, settings.phase_quantum_s)
+        limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._pending = 0  # submitted and not yet admitted; guarded by _lock

@@ -23,7 +23,6 @@ SHARED = "shared"
 class Limits:
     max_rows: int
     max_tokens: int  # KV positions reserved by the running rows: sum of prompt + max_new_tokens
-    max_waiting: int
     quantum_s: float
 
 

@@ -29,7 +29,7 @@ class FakeRequest:
 
 
 def _sched(quantum_s: float = 60.0, rows: int = 4, tokens: int = 1000) -> Scheduler:
-    return Scheduler(Limits(max_rows=rows, max_tokens=tokens, max_waiting=100, quantum_s=quantum_s))
+    return Scheduler(Limits(max_rows=rows, max_tokens=tokens, quantum_s=quantum_s))
 
 
 def test_shared_requests_fill_rows_fifo():
