@@ -20,12 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from load_tests.client import HotswapClient
+from load_tests.crosscheck import kind_checks, merged_vs_base
 from load_tests.layout import DEFAULT_MODELS_DIR, BenchLayout
 from load_tests.prompts import PROMPT_TOKENS
 from load_tests.report import (
     baseline_from_json,
     evaluate_goals,
     format_baseline,
+    format_checks,
     format_goals,
     format_scenarios,
     report_json,
@@ -163,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"bench stopped: {type(exc).__name__}: {exc}") from exc
     baseline = load_baseline(args, settings.max_new_tokens)
     print(format_scenarios(results, baseline))
+    checks = kind_checks(results)
+    print("\n" + format_checks(checks, merged_vs_base(checks)))
     if baseline:
         print("\n" + format_baseline(baseline))
     print("\n" + format_goals(evaluate_goals(results, baseline)))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import httpx
 
+from load_tests.scrape import row_kind
 from load_tests.sse import EventKind, SseDecoder, classify, tokens_in
 from load_tests.stats import RequestResult
 
@@ -74,6 +75,8 @@ class StreamRecorder:
         self._result.e2e_s = now - self._started
         usage = event.get("usage") or {}
         self._result.completion_tokens = int(usage.get("completion_tokens", self._result.completion_tokens))
+        if event.get("kind"):
+            self._result.kind = row_kind(event["kind"], event.get("mode"))
         self._finished = True
 
     def result(self) -> RequestResult:
@@ -129,6 +132,13 @@ class HotswapClient:
             return (await self._http.get("/ready")).status_code == 200
         except httpx.TransportError:
             return False
+
+    async def metrics_text(self) -> str:
+        """GET /metrics: the Prometheus text exposition."""
+        response = await self._http.get("/metrics")
+        if response.status_code != 200:
+            raise RuntimeError(f"GET /metrics: {describe_error_response(response.status_code, response.content)}")
+        return response.text
 
     async def has_adapter(self, name: str) -> bool:
         response = await self._http.get(f"/adapters/{name}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from load_tests.stats import BaselineResult, ScenarioResult
+from load_tests.crosscheck import KindCheck, Versus, kind_checks, merged_vs_base
+from load_tests.stats import BaselineResult, ScenarioResult, ratio
 
 BASE_SCENARIO = "base"
 # Which in-process baseline each hotswap scenario is compared with.
@@ -43,12 +44,6 @@ class GoalOutcome:
     @property
     def met(self) -> bool | None:
         return None if self.ratio is None else self.ratio >= self.target
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
 
 
 def throughputs(results: Sequence[ScenarioResult]) -> dict[str, float]:
@@ -117,6 +112,37 @@ def format_scenarios(results: Sequence[ScenarioResult], baseline: Sequence[Basel
     return format_table(SCENARIO_HEADERS, rows) + "\n(latencies in ms; tok = gap between streamed tokens)"
 
 
+CHECK_HEADERS = (
+    "scenario", "kind", "reqs", "server TPOT", "client gap", "server/client", "adapter/step", "step", "adapter share",
+)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def format_checks(checks: Sequence[KindCheck], versus: Sequence[Versus]) -> str:
+    """The server's metrics next to the client's measurements, and merged LoRA against base."""
+    rows = [
+        [c.scenario, c.kind, str(c.server_requests), _num(c.server_tpot_ms, 2), _num(c.client_gap_ms, 2),
+         _times(c.tpot_ratio), _num(c.adapter_ms, 3), _num(c.step_ms, 2), _share(c.adapter_share)]
+        for c in checks
+    ]
+    lines = [
+        "server metrics vs client",
+        format_table(CHECK_HEADERS, rows, align="llrrrrrrr"),
+        ("(ms; server TPOT, adapter/step and step: GET /metrics deltas over the timed rounds;"
+         " client gap: each request's mean token gap, averaged)"),
+    ]
+    if versus:
+        compared = "; ".join(
+            f"{v.measure} {_num(v.merged_ms, 2)} vs {_num(v.base_ms, 2)} ms ({_times(v.merged_to_base)})"
+            for v in versus
+        )
+        lines.append(f"lora merged vs base: {compared}")
+    return "\n".join(lines)
+
+
 def format_baseline(baseline: Sequence[BaselineResult]) -> str:
     rows = [[b.name, _num(b.tokens_per_s), str(b.tokens), _num(b.seconds, 2), b.method] for b in baseline]
     return format_table(("PEFT baseline", "tok/s", "tokens", "seconds", "method"), rows, align="lrrrl")
@@ -135,8 +161,16 @@ def report_json(
     return {
         "settings": settings,
         "scenarios": [{**asdict(r), "ratio_to_base": ratio(r.tokens_per_s, base)} for r in results],
+        "server_vs_client": checks_json(kind_checks(results)),
         "baseline": baseline_json(baseline),
         "goals": [{**asdict(o), "met": o.met} for o in evaluate_goals(results, baseline)],
+    }
+
+
+def checks_json(checks: Sequence[KindCheck]) -> dict[str, object]:
+    return {
+        "kinds": [{**asdict(c), "tpot_ratio": c.tpot_ratio, "adapter_share": c.adapter_share} for c in checks],
+        "merged_vs_base": [{**asdict(v), "merged_to_base": v.merged_to_base} for v in merged_vs_base(checks)],
     }
 
 

@@ -1,4 +1,4 @@
-"""Drive one scenario against a server: register its adapters, warm up, fire, summarise."""
+"""Drive one scenario against a server: register its adapters, warm up, fire, scrape, summarise."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from load_tests.client import GenerateRequest, HotswapClient
 from load_tests.layout import BenchLayout
 from load_tests.scenarios import Scenario
+from load_tests.scrape import ServerMetrics
 from load_tests.stats import RequestResult, ScenarioResult, summarize
 
 READY_POLL_S = 0.5
@@ -43,11 +44,15 @@ async def send_together(client: HotswapClient, requests: Sequence[GenerateReques
 
 
 async def run_scenario(client: HotswapClient, scenario: Scenario, rounds: int) -> ScenarioResult:
-    """Send the scenario's requests all at once, `rounds` times back to back (after one short warm-up)."""
+    """Send the scenario's requests all at once, `rounds` times back to back (after one short warm-up);
+    GET /metrics just before and after the timed rounds."""
     if scenario.warm:
         await send_together(client, scenario.warmup_requests())
+    before = await client.metrics_text()
     results: list[RequestResult] = []
     started = time.perf_counter()
     for _ in range(rounds):
         results += await send_together(client, scenario.requests)
-    return summarize(scenario.name, scenario.concurrency, results, time.perf_counter() - started)
+    wall_s = time.perf_counter() - started
+    server = ServerMetrics.between(before, await client.metrics_text())
+    return summarize(scenario.name, scenario.concurrency, results, wall_s, server)

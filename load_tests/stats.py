@@ -5,6 +5,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from load_tests.scrape import ServerMetrics
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (numpy's default); None for no values."""
@@ -16,6 +18,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
 @dataclass
 class RequestResult:
     """One request as the client saw it; times in seconds from sending it."""
@@ -24,11 +32,17 @@ class RequestResult:
     e2e_s: float | None = None
     token_gaps_s: list[float] = field(default_factory=list)
     completion_tokens: int = 0
+    kind: str | None = None  # as the server's batch_kinds token (see scrape.row_kind), from the final event
     error: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def mean_gap_s(self) -> float | None:
+        """Mean gap between streamed tokens: the client's time per output token."""
+        return sum(self.token_gaps_s) / len(self.token_gaps_s) if self.token_gaps_s else None
 
 
 @dataclass(frozen=True)
@@ -59,12 +73,25 @@ class ScenarioResult:
     per_token: LatencySummary
     e2e: LatencySummary
     error_samples: list[str]
+    mean_gap_ms: dict[str, float]  # per kind: mean over requests of their mean token gap
+    server: ServerMetrics | None = None  # GET /metrics over the timed rounds
 
 
 MAX_ERROR_SAMPLES = 3
 
 
-def summarize(name: str, concurrency: int, results: Sequence[RequestResult], wall_s: float) -> ScenarioResult:
+def mean_gaps_ms(results: Sequence[RequestResult]) -> dict[str, float]:
+    """Per kind, the mean of each request's mean token gap (as the server averages its TPOT)."""
+    gaps: dict[str, list[float]] = {}
+    for r in results:
+        if r.kind is not None and (gap := r.mean_gap_s) is not None:
+            gaps.setdefault(r.kind, []).append(gap)
+    return {kind: sum(g) / len(g) * 1000.0 for kind, g in sorted(gaps.items())}
+
+
+def summarize(
+    name: str, concurrency: int, results: Sequence[RequestResult], wall_s: float, server: ServerMetrics | None = None
+) -> ScenarioResult:
     done = [r for r in results if r.ok]
     errors = sorted({r.error for r in results if r.error is not None})
     tokens = sum(r.completion_tokens for r in done)
@@ -81,6 +108,8 @@ def summarize(name: str, concurrency: int, results: Sequence[RequestResult], wal
         per_token=LatencySummary.of([gap for r in done for gap in r.token_gaps_s]),
         e2e=LatencySummary.of([r.e2e_s for r in done if r.e2e_s is not None]),
         error_samples=errors[:MAX_ERROR_SAMPLES],
+        mean_gap_ms=mean_gaps_ms(done),
+        server=server,
     )
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import torch
 
 from load_tests.adapterhub import CONFIG_FILE, WEIGHTS_FILE, BaseModelInfo, BottleneckSpec, write_adapter
 from load_tests.client import GenerateRequest, HotswapClient, StreamRecorder
+from load_tests.crosscheck import kind_checks, merged_vs_base
 from load_tests.layout import BenchLayout
 from load_tests.prompts import FIRST_ORDINARY_ID, make_prompts
 from load_tests.report import (
@@ -18,12 +20,15 @@ from load_tests.report import (
     baseline_from_json,
     baseline_json,
     evaluate_goals,
+    format_checks,
     format_goals,
     format_scenarios,
     format_table,
     ratio,
+    report_json,
 )
 from load_tests.scenarios import ScenarioSettings, build_scenarios
+from load_tests.scrape import Mean, ServerMetrics, delta, parse, row_kind
 from load_tests.server_process import ServerOptions, server_command
 from load_tests.sse import EventKind, classify, decode_lines, tokens_in
 from load_tests.stats import BaselineResult, RequestResult, ScenarioResult, percentile, summarize
@@ -55,6 +60,15 @@ def test_summarize_counts_tokens_of_successful_requests_only() -> None:
     assert result.ttft.p50_ms == pytest.approx(100.0)
     assert result.per_token.p50_ms == pytest.approx(20.0)
     assert result.error_samples == ["HTTP 500 internal_error: boom"]
+    assert result.mean_gap_ms == {}  # no kind: no final event seen
+
+
+def test_mean_gap_per_kind_averages_each_requests_mean() -> None:
+    slow = RequestResult(token_gaps_s=[0.01, 0.03], completion_tokens=3, kind="lora_merged")
+    fast = RequestResult(token_gaps_s=[0.01], completion_tokens=2, kind="lora_merged")
+    base = RequestResult(token_gaps_s=[0.004], completion_tokens=2, kind="base")
+    assert summarize("x", 3, [slow, fast, base], wall_s=1.0).mean_gap_ms == pytest.approx(
+        {"base": 4.0, "lora_merged": 15.0})
 
 
 # server-sent events
@@ -88,6 +102,7 @@ def test_stream_recorder_times_tokens_and_takes_usage_from_the_final_event() -> 
     assert result.ok and result.completion_tokens == 4
     assert result.ttft_s == pytest.approx(0.5) and result.e2e_s == pytest.approx(1.1)
     assert result.token_gaps_s == pytest.approx([0.1, 0.2, 0.2])
+    assert result.kind == "base" and result.mean_gap_s == pytest.approx(0.5 / 3)
 
 
 def test_stream_recorder_flags_a_stream_without_final_event() -> None:
@@ -179,6 +194,104 @@ def test_baseline_json_round_trip() -> None:
     rows = json.loads(json.dumps(baseline_json(baseline)))
     assert rows[0]["tokens_per_s"] == 128.0
     assert baseline_from_json(rows) == baseline
+
+
+# server metrics scraped around a scenario
+
+def _exposition(tpot: dict[tuple[str, str], tuple[float, int]], layer: dict[tuple[str, str], tuple[float, int]],
+                steps: dict[str, tuple[float, int]]) -> str:
+    """GET /metrics text as prometheus_client writes it: (sum, count) per series."""
+    lines = []
+    for name, series in (("hotswap_time_per_output_token_seconds", tpot), ("hotswap_adapter_layer_seconds", layer)):
+        lines += [f"# HELP {name} x", f"# TYPE {name} histogram"]
+        for (kind, mode), (total, count) in series.items():
+            lines += [f'{name}_bucket{{kind="{kind}",le="+Inf",mode="{mode}"}} {float(count)}',
+                      f'{name}_count{{kind="{kind}",mode="{mode}"}} {float(count)}',
+                      f'{name}_sum{{kind="{kind}",mode="{mode}"}} {total}']
+    lines += ["# HELP hotswap_decode_step_seconds x", "# TYPE hotswap_decode_step_seconds histogram"]
+    for label, (total, count) in steps.items():
+        lines += [f'hotswap_decode_step_seconds_count{{batch_kinds="{label}"}} {float(count)}',
+                  f'hotswap_decode_step_seconds_sum{{batch_kinds="{label}"}} {total}']
+    lines += ["# HELP hotswap_requests_total x", "# TYPE hotswap_requests_total counter",
+              'hotswap_requests_total{kind="base",mode="none",status="ok"} 3.0']
+    return "\n".join(lines) + "\n"
+
+
+BEFORE = _exposition(
+    tpot={("base", "none"): (0.1, 4), ("lora", "merged"): (0.0, 0), ("lora", "unmerged"): (0.2, 8)},
+    layer={("lora", "merged"): (0.0, 0), ("lora", "unmerged"): (0.01, 20)},
+    steps={"base": (0.5, 40)},
+)
+AFTER = _exposition(
+    tpot={("base", "none"): (0.26, 12), ("lora", "merged"): (0.168, 8), ("lora", "unmerged"): (0.2, 8)},
+    layer={("lora", "merged"): (0.0, 15), ("lora", "unmerged"): (0.01, 20)},
+    steps={"base": (0.8, 55), "lora_merged": (0.3, 15), "base+lora_unmerged": (0.1, 5)},
+)
+
+
+def test_parse_keys_samples_by_name_and_labels() -> None:
+    samples = parse(AFTER)
+    assert samples[("hotswap_time_per_output_token_seconds_count",
+                    frozenset({("kind", "lora"), ("mode", "merged")}))] == 8.0
+    assert samples[("hotswap_requests_total", frozenset({("kind", "base"), ("mode", "none"), ("status", "ok")}))] == 3
+    assert samples[("hotswap_decode_step_seconds_sum", frozenset({("batch_kinds", "lora_merged")}))] == 0.3
+
+
+def test_delta_counts_new_series_from_zero() -> None:
+    accrued = delta(parse(BEFORE), parse(AFTER))
+    assert accrued[("hotswap_decode_step_seconds_count", frozenset({("batch_kinds", "base")}))] == 15.0
+    assert accrued[("hotswap_decode_step_seconds_count", frozenset({("batch_kinds", "lora_merged")}))] == 15.0
+
+
+def test_server_metrics_average_only_what_accrued() -> None:
+    server = ServerMetrics.between(BEFORE, AFTER)
+    assert server.tpot == {"base": Mean(pytest.approx(20.0), 8), "lora_merged": Mean(pytest.approx(21.0), 8)}
+    assert server.adapter_layer == {"lora_merged": Mean(0.0, 15)}  # unmerged did not move
+    assert set(server.decode_step) == {"base", "lora_merged", "base+lora_unmerged"}
+    assert server.decode_step["base"].mean_ms == pytest.approx(20.0)
+    pooled_base = server.steps_with("base")
+    assert pooled_base is not None and pooled_base.count == 20
+    assert pooled_base.mean_ms == pytest.approx((300.0 + 100.0) / 20)
+    assert server.steps_with("prompt") is None
+    assert (row_kind("lora", "unmerged"), row_kind("prompt", None), row_kind("base", "none")) == (
+        "lora_unmerged", "prompt", "base")
+
+
+def _measured(name: str, gaps_ms: dict[str, float]) -> ScenarioResult:
+    return replace(_scenario(name, 100), mean_gap_ms=gaps_ms, server=ServerMetrics.between(BEFORE, AFTER))
+
+
+def test_kind_checks_pair_server_and_client_and_compare_merged_with_base() -> None:
+    results = [_measured("base", {"base": 25.0}), _measured("lora-merged", {"lora_merged": 21.0}),
+               _scenario("unscraped", 100)]
+    checks = {(c.scenario, c.kind): c for c in kind_checks(results)}
+    assert set(checks) == {("base", "base"), ("base", "lora_merged"), ("lora-merged", "base"),
+                           ("lora-merged", "lora_merged")}
+    base = checks[("base", "base")]
+    assert (base.server_requests, base.client_gap_ms) == (8, 25.0)
+    assert base.tpot_ratio == pytest.approx(0.8) and base.adapter_ms is None and base.adapter_share is None
+    merged = checks[("lora-merged", "lora_merged")]
+    assert merged.tpot_ratio == pytest.approx(1.0)
+    assert merged.adapter_ms == 0.0 and merged.step_ms == pytest.approx(20.0) and merged.adapter_share == 0.0
+    versus = {v.measure: v for v in merged_vs_base(list(checks.values()))}
+    assert versus["server TPOT"].merged_to_base == pytest.approx(21.0 / 20.0)
+    assert versus["client token gap"].merged_to_base == pytest.approx(21.0 / 25.0)
+    assert merged_vs_base([base]) == []
+    text = format_checks(list(checks.values()), list(versus.values()))
+    assert "server metrics vs client" in text and "0.80x" in text and "0.0%" in text
+    assert "lora merged vs base: server TPOT 21.00 vs 20.00 ms (1.05x)" in text
+    report = json.loads(json.dumps(report_json({}, results, [])))
+    assert len(report["server_vs_client"]["kinds"]) == 4
+    assert report["server_vs_client"]["merged_vs_base"][0]["merged_to_base"] == pytest.approx(1.05)
+    assert report["scenarios"][0]["server"]["tpot"]["base"] == {"mean_ms": pytest.approx(20.0), "count": 8}
+
+
+def test_client_scrapes_metrics() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/metrics"
+        return httpx.Response(200, text=AFTER)
+
+    assert asyncio.run(_client(httpx.MockTransport(handler)).metrics_text()) == AFTER
 
 
 # spawned server command line
