@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from server.adapters.lora import check_mergeable
 from server.adapters.registry import Adapter
-from server.engine.request import DoneEvent, TokenEvent
+from server.engine.logprobs import TokenLogprob
+from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.errors import HotswapError, InvalidRequestError
 
@@ -30,6 +31,8 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., when asked
 
 
 class Generation:
@@ -83,17 +86,17 @@ class Generation:
                 f"{f', incl. {n_virtual} virtual tokens' if n_virtual else ''}), got {total}"
             )
 
-    async def events(self, job: Job) -> AsyncIterator[TokenEvent | DoneEvent]:
+    async def events(self, job: Job) -> AsyncIterator[Event]:
         async for event in self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode):
             yield event
 
     async def run(self, job: Job) -> Outcome:
         out = Outcome()
         async for event in self.events(job):
-            if isinstance(event, TokenEvent):
-                out.token_ids.append(event.token_id)
-            else:
+            if isinstance(event, DoneEvent):
                 out.finish_reason = self._reason(event)
+            else:
+                _collect(out, event)
         out.text = self.text(out.token_ids, job.params)
         return out
 
@@ -105,7 +108,9 @@ class Generation:
             if isinstance(event, DoneEvent):
                 out.finish_reason = self._reason(event)
                 break
-            out.token_ids.append(event.token_id)
+            _collect(out, event)
+            if isinstance(event, PromptLogprobsEvent):
+                continue
             text = self.text(out.token_ids, job.params)
             delta, sent = _delta(text, sent)
             yield event.token_id, delta, out
@@ -122,6 +127,15 @@ class Generation:
         if event.finish_reason == "error":
             raise event.error or RuntimeError("generation failed")
         return event.finish_reason
+
+
+def _collect(out: Outcome, event: TokenEvent | PromptLogprobsEvent) -> None:
+    if isinstance(event, PromptLogprobsEvent):
+        out.prompt_logprobs = list(event.scores)
+        return
+    out.token_ids.append(event.token_id)
+    if event.logprob is not None:
+        out.logprobs.append(event.logprob)
 
 
 def _delta(text: str, sent: str) -> tuple[str, str]:

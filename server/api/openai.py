@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.deps import require_api_key
 from server.api.generation import Generation, Job, Outcome
+from server.api.logprobs import legacy_logprobs
 from server.api.schemas import ChatBody, ChatMessage, CompletionBody
 from server.errors import InvalidRequestError
 
@@ -29,15 +30,36 @@ async def models(request: Request) -> dict:
 
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request):
-    if body.echo or body.logprobs is not None:
-        raise InvalidRequestError("echo/logprobs: expected neither (not supported by this server yet), got them set")
+    _check_scoring(body)
     gen: Generation = request.app.state.generation
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise InvalidRequestError(f"prompt: expected one string or one list of token ids, got a batch of {len(prompt)}")
     ids = gen.tokenize(None, prompt) if isinstance(prompt, list) else gen.tokenize(prompt, None)
     job = await gen.job(_adapter_of(request, body.model), ids, body.params(body.max_tokens), None)
-    return await _answer(gen, job, body.model, body.stream, chat=False)
+    if body.stream:
+        return await _answer(gen, job, body.model, stream=True, chat=False)
+    return await _scored_completion(gen, job, body)
+
+
+def _check_scoring(body: CompletionBody) -> None:
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequestError("max_tokens: expected at least 1 (0 only with echo: true, to score the prompt), got 0")
+    if body.stream and (body.echo or body.logprobs is not None):
+        raise InvalidRequestError("stream: expected false with echo or logprobs (scores are not streamed), got true")
+
+
+async def _scored_completion(gen: Generation, job: Job, body: CompletionBody) -> JSONResponse:
+    """A non-streamed completion; with echo the text starts with the prompt, with logprobs it carries scores."""
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    out = await gen.run(job)
+    choice = _choice(out.text, out.finish_reason, chat=False)
+    if body.echo:
+        prompt = body.prompt if isinstance(body.prompt, str) else gen.base.tokenizer.decode(job.prompt_ids)
+        choice["text"] = prompt + out.text
+    if body.logprobs is not None:
+        choice["logprobs"] = legacy_logprobs(gen.base.tokenizer, job.prompt_ids, out, body.echo)
+    return JSONResponse(_envelope(rid, body.model, False, [choice], _usage(job, out)))
 
 
 @router.post("/chat/completions")

@@ -1,6 +1,7 @@
 """Request bodies of the HTTP API (native and OpenAI-compatible)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -42,13 +43,18 @@ class GenerateBody(SamplingFields):
 class CompletionBody(SamplingFields):
     model: str
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     user: str | None = None
+
+    def params(self, max_new_tokens: int) -> SamplingParams:
+        """Sampling plus scoring: `logprobs` for the generated tokens, and for the prompt's when echoed."""
+        prompt = self.logprobs if self.echo else None
+        return replace(super().params(max_new_tokens), logprobs=self.logprobs, prompt_logprobs=prompt)
 
 
 class ChatMessage(BaseModel):

@@ -48,6 +48,7 @@ class Batch:
         self.lengths: list[int] = []
         self._plans: Plans | None = None
         self._kinds: str | None = None
+        self._scored: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -56,7 +57,7 @@ class Batch:
         """Add a row whose cache row (index len(self)) already holds `length` positions."""
         self.rows.append(req)
         self.lengths.append(length)
-        self._plans = self._kinds = None
+        self._plans = self._kinds = self._scored = None
 
     def leave(self, i: int) -> Request:
         """Remove row i, moving the last row into its place."""
@@ -67,7 +68,7 @@ class Batch:
             self.rows[i], self.lengths[i] = self.rows[last], self.lengths[last]
         self.rows.pop()
         self.lengths.pop()
-        self._plans = self._kinds = None
+        self._plans = self._kinds = self._scored = None
         return req
 
     def plans(self) -> Plans:
@@ -79,3 +80,13 @@ class Batch:
         if self._kinds is None:
             self._kinds = batch_kinds(self.rows)
         return self._kinds
+
+    def scored(self) -> list[int]:
+        """Indices of the rows that asked for generated-token logprobs."""
+        if self._scored is None:
+            self._scored = scored_rows(self.rows)
+        return self._scored
+
+
+def scored_rows(rows: list[Request]) -> list[int]:
+    return [i for i, r in enumerate(rows) if r.params.logprobs is not None]

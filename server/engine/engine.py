@@ -16,13 +16,22 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from server.adapters.lora import MergedState, merge
-from server.engine.batch import Batch
+from server.engine.batch import Batch, scored_rows
 from server.engine.cache import KVCache
 from server.engine.clock import AdapterClock
+from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.prefill import Prefiller
-from server.engine.request import DoneEvent, Event, Mode, Request, TokenEvent
+from server.engine.request import (
+    DoneEvent,
+    Event,
+    Mode,
+    PromptLogprobsEvent,
+    Request,
+    TokenEvent,
+)
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine.scheduler import SHARED, Limits, Scheduler
 from server.errors import HotswapError, QueueFullError, ShuttingDownError
@@ -192,12 +201,30 @@ class Engine:
         for req in joiners:
             req.admitted = now
             req.sampler = Sampler.for_params(req.params, self.base.device)
-        for group, lengths, logits in self.prefiller.run(joiners, row0=len(self.batch)):
-            first = next_tokens(logits, [r.sampler for r in group])
-            for req, length, token in zip(group, lengths, first):
+        for group, lengths, logits, scores in self.prefiller.run(joiners, row0=len(self.batch)):
+            for req, length, score in zip(group, lengths, scores):
                 self.batch.join(req, length)
-                self._accept(req, token)
+                if score is not None:
+                    req.emit(PromptLogprobsEvent(tuple(score)))
+            live = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]  # 0: scored only, never sampled
+            rows = [group[i] for i in live]
+            logits = logits if len(live) == len(group) else logits[live]
+            tokens, lps = self._pick(logits, rows, scored_rows(rows))
+            for req, token, lp in zip(rows, tokens, lps):
+                self._accept(req, token, lp)
         self._drop_finished()
+
+    def _pick(self, logits: Tensor, rows: list[Request], scored: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits: [N, V] -> the next token of each row and, for the `scored` rows, its logprob and top-N."""
+        tokens = next_tokens(logits, [r.sampler for r in rows])
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        if scored:
+            idx = torch.tensor(scored, device=logits.device)
+            chosen = torch.tensor([tokens[i] for i in scored], device=logits.device)
+            n_top = [rows[i].params.logprobs for i in scored]
+            for i, lp in zip(scored, token_logprobs(logits[idx], chosen, n_top)):
+                lps[i] = lp
+        return tokens, lps
 
     def _decode(self) -> None:
         batch = self.batch
@@ -206,13 +233,13 @@ class Engine:
         measured = self.clock.begin_step()
         ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
         logits = self.prefiller.decode_logits(ids, batch, self.clock)
-        tokens = next_tokens(logits, [r.sampler for r in batch.rows])
+        tokens, lps = self._pick(logits, batch.rows, batch.scored())
         self.metrics.step(batch.kinds(), time.perf_counter() - t0, len(batch))
         if measured:
             self._record_adapter_time(batch.kinds(), self.clock.end_step())
-        for i, (req, token) in enumerate(zip(batch.rows, tokens)):
+        for i, (req, token, lp) in enumerate(zip(batch.rows, tokens, lps)):
             batch.lengths[i] += 1
-            self._accept(req, token)
+            self._accept(req, token, lp)
         self._drop_finished()
 
     def _record_adapter_time(self, kinds: str, seconds: dict[str, float]) -> None:
@@ -225,11 +252,11 @@ class Engine:
             elif label in ("bottleneck", "prompt"):
                 self.metrics.adapter_layer(label, None, seconds.get(label, 0.0))
 
-    def _accept(self, req: Request, token: int) -> None:
+    def _accept(self, req: Request, token: int, logprob: TokenLogprob | None) -> None:
         if req.first_token is None:
             req.first_token = time.perf_counter()
         req.output_ids.append(token)
-        req.emit(TokenEvent(token))
+        req.emit(TokenEvent(token, logprob))
 
     def _drop_finished(self) -> None:
         for i in range(len(self.batch) - 1, -1, -1):
@@ -241,6 +268,8 @@ class Engine:
 
     def _finish_reason(self, req: Request) -> str | None:
         p = req.params
+        if not req.output_ids:  # max_new_tokens 0: scored at prefill, nothing to generate
+            return "length"
         if not p.ignore_eos and req.output_ids[-1] in self.base.eos_ids:
             return "stop"
         if p.stop and self._hit_stop(req):

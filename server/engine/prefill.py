@@ -11,8 +11,13 @@ from server.decoder import PLAIN, StepShape
 from server.engine.batch import Batch, Plans
 from server.engine.cache import KVCache
 from server.engine.clock import AdapterClock, TimedHooks
+from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.request import Request
 from server.model import BaseModel
+
+SCORE_CHUNK = 512  # prompt positions scored per lm_head call: bounds the [C, V] float32 logits
+
+Scores = list[TokenLogprob] | None  # prompt tokens 1.. of one row; None when it did not ask
 
 
 class Prefiller:
@@ -30,11 +35,11 @@ class Prefiller:
         x = self.decoder.embed(torch.zeros((1, 2), dtype=torch.long, device=self.base.device))
         self.decoder.forward(x, StepShape.build(0, [0], 2, self.base.device), self.cache)
 
-    def run(self, joiners: list[Request], row0: int) -> Iterator[tuple[list[Request], list[int], Tensor]]:
-        """Prefill joiners into cache rows row0.. in order; yield (group, cached lengths, last logits [n, V])."""
+    def run(self, joiners: list[Request], row0: int) -> Iterator[tuple[list[Request], list[int], Tensor, list[Scores]]]:
+        """Prefill joiners into cache rows row0.. in order; yield (group, cached lengths, last logits [n, V], prompt scores)."""
         for group in self._groups(joiners):
-            lengths, logits = self._prefill_group(group, row0)
-            yield group, lengths, logits
+            lengths, logits, scores = self._prefill_group(group, row0)
+            yield group, lengths, logits, scores
             row0 += len(group)
 
     def _groups(self, joiners: list[Request]) -> Iterator[list[Request]]:
@@ -54,7 +59,7 @@ class Prefiller:
         extra = prompt.n_virtual if prompt and not self.prefix_cache else 0
         return len(req.prompt_ids) + extra
 
-    def _prefill_group(self, group: list[Request], row0: int) -> tuple[list[int], Tensor]:
+    def _prefill_group(self, group: list[Request], row0: int) -> tuple[list[int], Tensor, list[Scores]]:
         starts, inputs = zip(*(self._row_input(req, row0 + i) for i, req in enumerate(group)))
         length = max(x.shape[0] for x in inputs)
         x = torch.stack([_pad(t, length) for t in inputs])  # [N, L, H]
@@ -65,7 +70,22 @@ class Prefiller:
         hidden = self.decoder.forward(x, shape, self.cache, plans.residual)  # [N, L, H]
         last = torch.tensor([t.shape[0] - 1 for t in inputs], device=x.device)  # [N]
         logits = self.decoder.logits(hidden[torch.arange(len(group), device=x.device), last])  # [N, V]
-        return [s + t.shape[0] for s, t in zip(starts, inputs)], logits
+        scores = [self._score_prompt(req, hidden[i, : t.shape[0]]) if req.params.prompt_logprobs is not None else None
+                  for i, (req, t) in enumerate(zip(group, inputs))]
+        return [s + t.shape[0] for s, t in zip(starts, inputs)], logits, scores
+
+    def _score_prompt(self, req: Request, hidden: Tensor) -> list[TokenLogprob]:
+        """hidden: [L, H] of one row, its real prompt last (after any virtual tokens) -> scores of prompt tokens 1.."""
+        n_top = req.params.prompt_logprobs
+        n = len(req.prompt_ids)
+        real = hidden[hidden.shape[0] - n : -1]  # [n - 1, H]: position j predicts prompt token j + 1
+        targets = torch.tensor(req.prompt_ids[1:], dtype=torch.long, device=hidden.device)  # [n - 1]
+        self.lora_ctx.plan = Plans.build([req]).lora  # lm_head may be a LoRA target: plan this one row
+        scores: list[TokenLogprob] = []
+        for s in range(0, n - 1, SCORE_CHUNK):
+            logits = self.decoder.logits(real[None, s : s + SCORE_CHUNK])[0]  # [C, V]
+            scores += token_logprobs(logits, targets[s : s + SCORE_CHUNK], [n_top] * logits.shape[0])
+        return scores
 
     def _row_input(self, req: Request, row: int) -> tuple[int, Tensor]:
         """(cached positions before the new tokens, new input embeddings [L, H]) for one row."""

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -21,6 +22,14 @@ _ids = itertools.count()
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
+    logprob: TokenLogprob | None = None  # only when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class PromptLogprobsEvent:
+    """Scores of prompt tokens 1.. (the first has none), sent once after prefill."""
+
+    scores: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,7 @@ class DoneEvent:
     error: Exception | None = None
 
 
-Event = TokenEvent | DoneEvent
+Event = TokenEvent | PromptLogprobsEvent | DoneEvent
 
 
 @dataclass(eq=False)

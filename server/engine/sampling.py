@@ -16,6 +16,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives per generated token (0: the chosen one only); None: no scores
+    prompt_logprobs: int | None = None  # the same for the prompt tokens after the first; None: no prompt scores
 
     @property
     def greedy(self) -> bool:
