@@ -18,12 +18,10 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.adapters.kinds import Kind, Weights, load_weights
-from server.adapters.lora import LoraAdapter
-from server.adapters.prompt import PromptAdapter
+from server.adapters.adapter import Adapter, Entry, default_mode_for, describe
+from server.adapters.kinds import load_weights
 from server.errors import (
     AdapterExistsError,
     AdapterFormatError,
@@ -44,7 +42,6 @@ from server.store import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("merged", "unmerged")
 ACQUIRE_TIMEOUT_S = 60.0  # longest a request waits for a resident slot before 503
 
 
@@ -60,68 +57,6 @@ class AdapterLoadError(HotswapError):
 
     status = 500
     type = "adapter_load_failed"
-
-
-@dataclass(eq=False)
-class Adapter:
-    """Resident weights of one registered version of an adapter; what a request holds."""
-
-    name: str
-    kind: Kind
-    weights: Weights  # on the base model's device and dtype
-    default_mode: str  # merged | unmerged for LoRA, none otherwise
-    source: str
-    created_at: float = field(default_factory=time.time)
-    users: int = 0  # requests holding it; guarded by the registry's lock
-
-    @property
-    def n_virtual(self) -> int:
-        return self.weights.n_virtual if self.kind == "prompt" else 0
-
-    @property
-    def size_bytes(self) -> int:
-        """Bytes its weights take on the device."""
-        return self.weights.size_bytes
-
-    def mode_for(self, requested: str | None) -> str:
-        """The request's mode: what it asked for, else this adapter's default."""
-        if self.kind != "lora":
-            if requested not in (None, "unmerged"):
-                raise InvalidRequestError(f"mode: merging applies to LoRA adapters only; {self.name!r} is {self.kind}")
-            return "none"
-        return requested or self.default_mode
-
-    def record(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "default_mode": self.default_mode, "resident": True,
-                "memory_bytes": self.size_bytes, "created_at": self.created_at, "source": self.source,
-                "in_use": self.users}
-
-
-@dataclass(eq=False)
-class Entry:
-    """A registered adapter: its manifest (what the store holds) and its resident `Adapter`, if any."""
-
-    manifest: dict
-    folder: Path
-    pinned: bool = False
-    adapter: Adapter | None = None  # guarded by the registry's lock
-    loading: asyncio.Task | None = None  # the one load in flight (event loop only)
-    waiting: int = 0  # acquirers waiting for that load: not evictable meanwhile
-
-    name = property(lambda self: self.manifest["name"])
-    kind = property(lambda self: self.manifest["kind"])
-    default_mode = property(lambda self: self.manifest["default_mode"])
-    created_at = property(lambda self: self.manifest["created_at"])
-
-    def record(self) -> dict:
-        m, adapter = self.manifest, self.adapter
-        return {
-            "name": self.name, "kind": self.kind, "default_mode": self.default_mode,
-            "resident": adapter is not None, "pinned": self.pinned, "in_use": adapter.users if adapter else 0,
-            "size_bytes": m["size_bytes"], "memory_bytes": adapter.size_bytes if adapter else 0,
-            "created_at": self.created_at, "source": m.get("source", ""), "source_format": m["source_format"],
-            "details": m.get("details", {}), "files": m["files"], "ignored_files": m.get("ignored_files", []),
-        }
 
 
 class Registry:
@@ -176,7 +111,7 @@ class Registry:
         if not replace and name in self._entries:
             raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it")
         sel = _untrusted(select, raw)
-        mode = _default_mode(sel.kind, default_mode)
+        mode = default_mode_for(sel.kind, default_mode)
         built = staging / "adapter"
         files = _untrusted(normalise, sel, built)
         with self._model_lock:
@@ -444,24 +379,6 @@ class Registry:
         self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live))
 
 
-def describe(weights: Weights) -> dict:
-    """The manifest's `details`: what shapes the adapter (rank, virtual tokens, reduction factor...)."""
-    if isinstance(weights, LoraAdapter):
-        lora = weights.spec
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        return {"r": lora.r, "lora_alpha": lora.lora_alpha, "ranks": sorted({w.rank for w in weights.modules.values()}),
-                "use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "target_modules": targets,
-                "n_modules": len(weights.modules)}
-    if isinstance(weights, PromptAdapter):
-        prompt = weights.spec
-        return {"peft_type": prompt.peft_type, "num_virtual_tokens": prompt.num_virtual_tokens,
-                "token_dim": prompt.token_dim}
-    bn = weights.spec
-    return {"reduction_factor": bn.reduction_factor, "positions": list(bn.positions()),
-            "non_linearity": bn.non_linearity, "is_parallel": bn.is_parallel,
-            "layers": sorted({layer for _, layer in weights.sites})}
-
-
 def _untrusted(fn, *args):
     """Run a reader over uploaded files: any failure that is not already typed is the files' fault (422)."""
     try:
@@ -471,15 +388,3 @@ def _untrusted(fn, *args):
     except Exception as exc:
         log.warning("adapter files refused: %s: %s", type(exc).__name__, exc, exc_info=True)
         raise AdapterFormatError("files", "adapter files these loaders can read", f"{type(exc).__name__}: {exc}") from exc
-
-
-def _default_mode(kind: Kind, requested: str | None) -> str:
-    if kind != "lora":
-        if requested not in (None, "", "none", "unmerged"):
-            raise InvalidRequestError(f"default_mode: merged applies to LoRA adapters only, got {requested!r}")
-        return "none"
-    if not requested:
-        return "unmerged"
-    if requested not in MODES:
-        raise InvalidRequestError(f"default_mode: expected merged or unmerged, got {requested!r}")
-    return requested

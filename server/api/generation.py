@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.adapters.lora import check_mergeable
-from server.adapters.registry import Adapter
+from server.adapters.adapter import Adapter
 from server.engine.logprobs import TokenLogprob
 from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
 from server.engine.sampling import SamplingParams

@@ -11,7 +11,7 @@ from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from server.adapters.registry import Adapter
+    from server.adapters.adapter import Adapter
 
 Mode = Literal["merged", "unmerged", "none"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -1,0 +1,107 @@
+"""An adapter as the server holds it: `Adapter` (resident weights a request holds) and `Entry`
+(a registration: the store's manifest, and its resident Adapter if any)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.adapters.kinds import Kind, Weights
+from server.adapters.lora import LoraAdapter
+from server.adapters.prompt import PromptAdapter
+from server.errors import InvalidRequestError
+
+MODES = ("merged", "unmerged")
+
+
+@dataclass(eq=False)
+class Adapter:
+    """Resident weights of one registered version of an adapter; what a request holds."""
+
+    name: str
+    kind: Kind
+    weights: Weights  # on the base model's device and dtype
+    default_mode: str  # merged | unmerged for LoRA, none otherwise
+    source: str
+    created_at: float = field(default_factory=time.time)
+    users: int = 0  # requests holding it; guarded by the registry's lock
+
+    @property
+    def n_virtual(self) -> int:
+        return self.weights.n_virtual if self.kind == "prompt" else 0
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes its weights take on the device."""
+        return self.weights.size_bytes
+
+    def mode_for(self, requested: str | None) -> str:
+        """The request's mode: what it asked for, else this adapter's default."""
+        if self.kind != "lora":
+            if requested not in (None, "unmerged"):
+                raise InvalidRequestError(f"mode: merging applies to LoRA adapters only; {self.name!r} is {self.kind}")
+            return "none"
+        return requested or self.default_mode
+
+    def record(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "default_mode": self.default_mode, "resident": True,
+                "memory_bytes": self.size_bytes, "created_at": self.created_at, "source": self.source,
+                "in_use": self.users}
+
+
+@dataclass(eq=False)
+class Entry:
+    """A registered adapter: its manifest (what the store holds) and its resident `Adapter`, if any."""
+
+    manifest: dict
+    folder: Path
+    pinned: bool = False
+    adapter: Adapter | None = None  # guarded by the registry's lock
+    loading: asyncio.Task | None = None  # the one load in flight (event loop only)
+    waiting: int = 0  # acquirers waiting for that load: not evictable meanwhile
+
+    name = property(lambda self: self.manifest["name"])
+    kind = property(lambda self: self.manifest["kind"])
+    default_mode = property(lambda self: self.manifest["default_mode"])
+    created_at = property(lambda self: self.manifest["created_at"])
+
+    def record(self) -> dict:
+        m, adapter = self.manifest, self.adapter
+        return {
+            "name": self.name, "kind": self.kind, "default_mode": self.default_mode,
+            "resident": adapter is not None, "pinned": self.pinned, "in_use": adapter.users if adapter else 0,
+            "size_bytes": m["size_bytes"], "memory_bytes": adapter.size_bytes if adapter else 0,
+            "created_at": self.created_at, "source": m.get("source", ""), "source_format": m["source_format"],
+            "details": m.get("details", {}), "files": m["files"], "ignored_files": m.get("ignored_files", []),
+        }
+
+
+def describe(weights: Weights) -> dict:
+    """The manifest's `details`: what shapes the adapter (rank, virtual tokens, reduction factor...)."""
+    if isinstance(weights, LoraAdapter):
+        lora = weights.spec
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        return {"r": lora.r, "lora_alpha": lora.lora_alpha, "ranks": sorted({w.rank for w in weights.modules.values()}),
+                "use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "target_modules": targets,
+                "n_modules": len(weights.modules)}
+    if isinstance(weights, PromptAdapter):
+        prompt = weights.spec
+        return {"peft_type": prompt.peft_type, "num_virtual_tokens": prompt.num_virtual_tokens,
+                "token_dim": prompt.token_dim}
+    bn = weights.spec
+    return {"reduction_factor": bn.reduction_factor, "positions": list(bn.positions()),
+            "non_linearity": bn.non_linearity, "is_parallel": bn.is_parallel,
+            "layers": sorted({layer for _, layer in weights.sites})}
+
+
+def default_mode_for(kind: Kind, requested: str | None) -> str:
+    if kind != "lora":
+        if requested not in (None, "", "none", "unmerged"):
+            raise InvalidRequestError(f"default_mode: merged applies to LoRA adapters only, got {requested!r}")
+        return "none"
+    if not requested:
+        return "unmerged"
+    if requested not in MODES:
+        raise InvalidRequestError(f"default_mode: expected merged or unmerged, got {requested!r}")
+    return requested
