@@ -56,6 +56,13 @@ class AdapterExistsError(HotswapError):
     type = "adapter_exists"
 
 
+class MergeConflictError(HotswapError):
+    """A merge was asked for while another adapter is merged into the same model (409)."""
+
+    status = 409
+    type = "merge_conflict"
+
+
 class PayloadTooLargeError(HotswapError):
     """An upload exceeds the configured limit (413)."""
 
@@ -93,3 +100,17 @@ class ShuttingDownError(HotswapError):
 
     status = 503
     type = "shutting_down"
+
+
+class AdapterCapacityError(HotswapError):
+    """No resident slot can be freed for the adapter now (every one is pinned or in use) (503)."""
+
+    status = 503
+    type = "adapter_capacity"
+
+
+class AdapterLoadError(HotswapError):
+    """A registered adapter's files could not be read back from the store (500)."""
+
+    status = 500
+    type = "adapter_load_failed"

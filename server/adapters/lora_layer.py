@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from server.errors import AdapterFormatError, HotswapError
+from server.errors import AdapterFormatError, MergeConflictError
 
 if TYPE_CHECKING:
     from server.adapters.lora import LoraAdapter
@@ -235,13 +235,6 @@ def named_layers(model: nn.Module):
 
 
 # ---------------------------------------------------------------- merge / restore
-
-
-class MergeConflictError(HotswapError):
-    """A merge was asked for while another adapter is merged into the same model (409)."""
-
-    status = 409
-    type = "merge_conflict"
 
 
 _MERGED: weakref.WeakKeyDictionary[nn.Module, MergedState] = weakref.WeakKeyDictionary()

@@ -23,6 +23,8 @@ from pathlib import Path
 from server.adapters.adapter import Adapter, Entry, default_mode_for, describe
 from server.adapters.kinds import load_weights
 from server.errors import (
+    AdapterCapacityError,
+    AdapterLoadError,
     AdapterExistsError,
     AdapterFormatError,
     AdapterNotFoundError,
@@ -43,20 +45,6 @@ from server.store import (
 log = logging.getLogger(__name__)
 
 ACQUIRE_TIMEOUT_S = 60.0  # longest a request waits for a resident slot before 503
-
-
-class AdapterCapacityError(HotswapError):
-    """No resident slot can be freed for the adapter now (every one is pinned or in use) (503)."""
-
-    status = 503
-    type = "adapter_capacity"
-
-
-class AdapterLoadError(HotswapError):
-    """A registered adapter's files could not be read back from the store (500)."""
-
-    status = 500
-    type = "adapter_load_failed"
 
 
 class Registry:

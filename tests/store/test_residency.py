@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from server.adapters import registry as registry_module
-from server.adapters.registry import AdapterCapacityError, Registry
+from server.adapters.registry import Registry
+from server.errors import AdapterCapacityError
 from server.errors import AdapterNotFoundError
 from server.metrics import Metrics
 from server.model import load_base_model
