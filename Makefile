@@ -25,8 +25,11 @@ serve: $(STAMPS)/runtime
 test: $(STAMPS)/dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Reproduces BENCHMARKS.md's table: builds the bench model once (offline), then server beside PEFT.
 bench: $(STAMPS)/bench
-	$(PY) -m load_tests.bench
+	$(PY) -m load_tests.build_bench_model --out load_tests/models
+	mkdir -p bench_out
+	$(PY) -m load_tests.bench --spawn --rounds 4 --baseline peft --json bench_out/bench.json --png bench_out/bench.png
 
 lint-docker: $(STAMPS)/dev
 	$(VENV)/bin/hadolint Dockerfile
