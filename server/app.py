@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,11 +31,9 @@ from server.store import Store
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, run_engine: Callable[[Engine], None] | None = None) -> FastAPI:
-    """`run_engine` receives the engine once it is built and runs its loop (default: on its own thread)."""
+def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="hotswap", lifespan=_lifespan)
     app.state.settings = settings
-    app.state.run_engine = run_engine or Engine.start
     app.state.draining = False
     for module in (generate, openai, adapters, health):
         app.include_router(module.router)
@@ -58,7 +55,7 @@ async def _lifespan(app: FastAPI):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
                                 skip_unchanged=True)
     engine = Engine(base, _engine_settings(settings), metrics, release=_releaser(registry))
-    app.state.run_engine(engine)
+    engine.start()
     app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
     app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
     app.state.started_at = time.time()

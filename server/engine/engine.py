@@ -76,20 +76,19 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._merged: MergedState | None = None
+        self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
         self.ready = threading.Event()
-        self._done = threading.Event()
 
     # ---- event-loop side -------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the engine loop on a thread of its own (`python -m server` runs it on the main thread)."""
-        threading.Thread(target=self.run, name="hotswap-engine", daemon=True).start()
+        self._thread.start()
 
     def stop(self, timeout_s: float) -> None:
-        """Stop taking requests, let the running ones finish (bounded), then end the loop."""
+        """Stop taking requests, let the running ones finish (bounded), then end the thread."""
         self._stopping = True
         self._wake.set()
-        self._done.wait(timeout_s)
+        self._thread.join(timeout_s)
 
     @property
     def waiting(self) -> int:
@@ -131,14 +130,7 @@ class Engine:
 
     # ---- engine thread ---------------------------------------------------------------
 
-    def run(self) -> None:
-        """The engine loop, on the calling thread, until `stop()`."""
-        try:
-            self._loop()
-        finally:
-            self._done.set()
-
-    def _loop(self) -> None:
+    def _run(self) -> None:
         with torch.inference_mode():
             self.prefiller.warm_up()
             self.ready.set()
