@@ -10,16 +10,12 @@ lora_layer.py and is re-exported here.
 """
 from __future__ import annotations
 
-import json
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -40,6 +36,7 @@ from server.adapters.lora_layer import (
     named_layers,
     pristine,
 )
+from server.adapters.weights import read_config, read_weights
 from server.errors import AdapterFormatError
 
 __all__ = [
@@ -48,8 +45,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-BIN_FILE = "adapter_model.bin"
+WEIGHTS_STEM = "adapter_model"  # adapter_model.safetensors, else adapter_model.bin (weights only)
 KEY_PREFIX = "base_model.model."
 # What a PEFT LoRA file holds per module, after "base_model.model.<module name>.".
 PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "base_layer.bias")
@@ -257,45 +253,13 @@ class LoraAdapter:
 def load_lora(folder: Path, model: nn.Module) -> LoraAdapter:
     """Read and validate a PEFT LoRA folder against `model` (the HF model, wrapped or not). fp32, CPU."""
     folder = Path(folder)
-    spec = parse_lora_config(_read_config(folder / CONFIG_FILE))
+    spec = parse_lora_config(read_config(folder, CONFIG_FILE))
     targets = _target_names(spec, model)
-    parts, extra_biases = _split_keys(_read_tensors(folder), targets, model)
+    parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), targets, model)
     for key, tensor in extra_biases.items():
         _check_untouched_bias(model, key, tensor)
     modules = {name: _module_weights(spec, model, name, parts.get(name, {})) for name in targets}
     return LoraAdapter(spec, modules)
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise AdapterFormatError(CONFIG_FILE, "a file in the adapter folder", "none") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(CONFIG_FILE, "valid JSON", str(e)) from e
-
-
-def _read_tensors(folder: Path) -> dict[str, Tensor]:
-    if (folder / SAFETENSORS_FILE).is_file():
-        try:
-            return load_file(folder / SAFETENSORS_FILE, device="cpu")
-        except safetensors.SafetensorError as e:
-            raise AdapterFormatError(SAFETENSORS_FILE, "a valid safetensors file", str(e)) from e
-    if (folder / BIN_FILE).is_file():
-        return _read_bin(folder / BIN_FILE)
-    raise AdapterFormatError(SAFETENSORS_FILE, f"a weights file in the adapter folder (or {BIN_FILE})", "none")
-
-
-def _read_bin(path: Path) -> dict[str, Tensor]:
-    """A pickled state dict, through the weights-only unpickler only."""
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise AdapterFormatError(BIN_FILE, "a weights-only torch file of tensors",
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise AdapterFormatError(BIN_FILE, "a dict of name -> tensor", type(obj).__name__)
-    return obj
 
 
 def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
