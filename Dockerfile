@@ -19,10 +19,11 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin hotswap \
 WORKDIR /app
 
 # Dependencies first (cached while only the source changes); the base image's torch satisfies
-# the torch requirement, so pip keeps it.
+# the torch requirement, so pip keeps it. Ray Serve is included so the image also runs the cluster
+# (`python -m server.cluster`, deploy/kuberay.yaml).
 COPY --chown=hotswap:hotswap pyproject.toml ./
 RUN touch server/__init__.py \
-    && pip install --no-cache-dir -e . \
+    && pip install --no-cache-dir -e ".[cluster]" \
     && chown -R hotswap:hotswap /app
 
 # The source, the embedded default model and the example adapters (see .dockerignore).

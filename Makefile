@@ -17,10 +17,15 @@ TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
 
 STAMPS := $(VENV)/.stamps
 
-.PHONY: serve test bench lint-docker venv clean-venv FORCE
+.PHONY: serve cluster test bench lint-docker venv clean-venv FORCE
 
 serve: $(STAMPS)/runtime
 	$(PY) -m server --host $(HOST) --port $(PORT)
+
+# hotswap on Ray Serve: REPLICAS replicas of the default model, one shared store (README "Scale-out").
+REPLICAS ?= 2
+cluster: $(STAMPS)/dev
+	$(PY) -m server.cluster --host $(HOST) --port $(PORT) --replicas $(REPLICAS)
 
 test: $(STAMPS)/dev
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -12,9 +12,10 @@ from server.app import create_app
 from server.config import Settings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m server", description="hotswap: one base model, many adapters")
-    for name, field in Settings.model_fields.items():
+def build_parser(settings_cls: type[Settings] = Settings, prog: str = "python -m server",
+                 description: str = "hotswap: one base model, many adapters") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, field in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"HOTSWAP_{name.upper()}"
         help_text = f"{field.description} (env {env}; default {field.get_default(call_default_factory=True)!r})"

@@ -49,7 +49,7 @@ async def _lifespan(app: FastAPI):
     base = load_base_model(settings.model, settings.device, settings.dtype, settings.onednn_linear)
     metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
     registry = Registry(base, metrics, Store(settings.store), settings.max_resident_adapters,
-                        settings.max_adapter_memory_bytes)
+                        settings.max_adapter_memory_bytes, shared=settings.shared_store)
     await asyncio.to_thread(registry.open)  # recover interrupted writes, register what the store holds
     for name, folder in _adapter_flags(settings.adapter):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,

@@ -10,8 +10,9 @@
 
 Adapter names start with a letter or digit, so they never collide with the dot folders. Every
 file is fsynced before the folder is renamed into place, and the store folder after each rename:
-a crash at any moment leaves the old state or the new one, never half of either. One server
-process owns a store at a time.
+a crash at any moment leaves the old state or the new one, never half of either. Several servers
+may share one store folder (a cluster, `--shared-store`): each reads a manifest again before using
+its adapter (`Registry.sync`), and start-up recovery leaves young temp folders to their writers.
 """
 from __future__ import annotations
 
@@ -149,9 +150,16 @@ class Store:
 
     # -- start-up --
 
-    def recover(self) -> None:
-        """Finish or undo what a crash interrupted: temp folders go; a replace half done rolls back or completes."""
+    def recover(self, stale_after_s: float = 0.0) -> None:
+        """Finish or undo what a crash interrupted: temp folders go; a replace half done rolls back or completes.
+
+        A shared store (several servers) passes `stale_after_s`: only leftovers older than that are
+        touched, so another server's upload or replace in progress is left alone.
+        """
+        cutoff = time.time() - stale_after_s
         for path in sorted(self.root.iterdir()):
+            if path.name.startswith((TMP, DEL, OLD)) and stale_after_s and _mtime(path) > cutoff:
+                continue
             if path.name.startswith((TMP, DEL)):
                 log.warning("store: removing leftover %s", path.name)
                 shutil.rmtree(path, ignore_errors=True)
@@ -163,7 +171,7 @@ class Store:
                     os.rename(path, target)
                 else:
                     shutil.rmtree(path, ignore_errors=True)
-            elif path.is_dir():
+            elif path.is_dir() and not stale_after_s:
                 (path / (MANIFEST + ".tmp")).unlink(missing_ok=True)
         fsync_dir(self.root)
 
@@ -171,18 +179,26 @@ class Store:
         """Every stored adapter's manifest; folders without a readable one are skipped (logged)."""
         found = []
         for path in sorted(self.root.iterdir()):
-            if not path.is_dir() or path.name.startswith("."):
-                continue
-            try:
-                manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                log.warning("store: skipping %s (no readable %s: %s)", path.name, MANIFEST, exc)
-                continue
-            if not isinstance(manifest, dict) or manifest.get("name") != path.name or not NAME_RE.fullmatch(path.name):
-                log.warning("store: skipping %s (its manifest names another adapter)", path.name)
-                continue
-            found.append(manifest)
+            if path.is_dir() and not path.name.startswith("."):
+                manifest = self.manifest(path.name)
+                if manifest is not None:
+                    found.append(manifest)
         return found
+
+    def manifest(self, name: str) -> dict | None:
+        """One adapter's manifest, or None when it is not stored (or unreadable: logged)."""
+        path = self.root / name
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("store: skipping %s (no readable %s: %s)", name, MANIFEST, exc)
+            return None
+        if not isinstance(manifest, dict) or manifest.get("name") != name or not NAME_RE.fullmatch(name):
+            log.warning("store: skipping %s (its manifest names another adapter)", name)
+            return None
+        return manifest
 
     # -- writes --
 
@@ -211,7 +227,10 @@ class Store:
         target = self.folder(name)
         fsync_dir(built)
         if not target.exists():
-            os.rename(built, target)
+            try:
+                os.rename(built, target)
+            except OSError as exc:  # another server of a shared store committed the name first
+                raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it") from exc
             fsync_dir(self.root)
             return
         if not replace:
@@ -267,6 +286,13 @@ def new_manifest(name: str, sel: Selection, files: dict[str, dict], details: dic
 
 
 # ---------------------------------------------------------------- file helpers
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def sha256_file(path: Path) -> str:

@@ -53,7 +53,7 @@ class LiveServer:
 @contextmanager
 def live_server(tmp_path: Path, **overrides) -> Iterator[LiveServer]:
     port = free_port()
-    settings = Settings(host="127.0.0.1", port=port, store=tmp_path / "store", **overrides)
+    settings = Settings(**{"host": "127.0.0.1", "port": port, "store": tmp_path / "store", **overrides})
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -197,3 +197,38 @@ def test_dashboard_exprs_are_valid_promql(tmp_path):
     proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- cluster: Prometheus over several replicas, KubeRay ------------------------------------------
+
+def test_cluster_prometheus_config_passes_promtool_and_scrapes_each_replica_port():
+    promtool = tool("promtool")
+    proc = subprocess.run([promtool, "check", "config", "deploy/prometheus-cluster.yml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from server.cluster.config import ClusterSettings
+
+    job = yaml.safe_load((ROOT / "deploy/prometheus-cluster.yml").read_text())["scrape_configs"][0]
+    first = ClusterSettings().metrics_port
+    assert job["static_configs"][0]["targets"] == [f"127.0.0.1:{first}", f"127.0.0.1:{first + 1}"]
+
+
+def test_kuberay_manifest_runs_the_cluster_app_on_a_shared_volume():
+    pytest.importorskip("ray.serve")
+    from server.cluster.config import ClusterSettings
+
+    claim, service, monitor = yaml.safe_load_all((ROOT / "deploy/kuberay.yaml").read_text())
+    assert (claim["kind"], service["kind"], monitor["kind"]) == ("PersistentVolumeClaim", "RayService", "PodMonitor")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(__import__(module, fromlist=[attr]), attr)
+    assert callable(builder)
+    settings = ClusterSettings(**app["args"])  # every arg is a real flag
+    worker = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    mounts = {m["mountPath"]: m["name"] for m in worker["spec"]["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in worker["spec"]["volumes"]}
+    assert volumes[mounts[str(settings.store)]] == claim["metadata"]["name"]
+    ports = {p["name"]: p["containerPort"] for p in worker["spec"]["containers"][0]["ports"]}
+    assert ports[monitor["spec"]["podMetricsEndpoints"][0]["port"]] == settings.metrics_port
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= worker["metadata"]["labels"].items()

@@ -34,6 +34,7 @@ from server.errors import (
 from server.metrics import ADAPTER_KINDS, Metrics
 from server.model import BaseModel
 from server.store import (
+    NAME_RE,
     Store,
     StoreCorruptError,
     check_name,
@@ -45,12 +46,14 @@ from server.store import (
 log = logging.getLogger(__name__)
 
 ACQUIRE_TIMEOUT_S = 60.0  # longest a request waits for a resident slot before 503
+SHARED_STALE_S = 3600.0  # shared store: start-up recovery touches only leftovers older than this
 
 
 class Registry:
     def __init__(self, base: BaseModel, metrics: Metrics, store: Store, max_resident: int = 64,
-                 max_memory_bytes: int = 0) -> None:
+                 max_memory_bytes: int = 0, shared: bool = False) -> None:
         self.base = base
+        self.shared = shared  # other servers write the store too: read manifests again before use
         self.metrics = metrics
         self.store = store
         self.max_resident = max_resident  # 0: unbounded
@@ -69,14 +72,49 @@ class Registry:
 
     def open(self) -> None:
         """Recover the store from any interrupted write and register what it holds (manifests only)."""
-        self.store.recover()
+        self.store.recover(SHARED_STALE_S if self.shared else 0.0)
         for manifest in self.store.manifests():
-            if manifest.get("kind") not in ADAPTER_KINDS:
-                log.warning("store: skipping %s (unknown kind %r)", manifest["name"], manifest.get("kind"))
-                continue
-            name = manifest["name"]
-            self._entries[name] = Entry(manifest, self.store.folder(name), pinned=bool(manifest.get("pinned")))
+            if _known_kind(manifest):
+                self._entries[manifest["name"]] = self._entry(manifest)
         self._publish()
+
+    def sync(self, name: str | None = None) -> None:
+        """Shared store: take in what other servers did (uploads, replaces, deletes, pins), for `name` or all.
+
+        A replaced or deleted adapter leaves residency; requests holding it finish on it. Blocking.
+        """
+        if name is None:
+            stored = {m["name"]: m for m in self.store.manifests()}
+        else:
+            manifest = self.store.manifest(name) if NAME_RE.fullmatch(name) else None
+            stored = {name: manifest} if manifest else {}
+        with self._admin, self._lock:
+            changed = [n for n in (stored.keys() | self._entries.keys() if name is None else {name})
+                       if self._sync_one(n, stored.get(n))]
+        if changed:
+            log.info("store: took in changes to %s", ", ".join(sorted(changed)))
+            self._publish()
+            self._wake_soon()
+
+    def _sync_one(self, name: str, manifest: dict | None) -> bool:
+        """Under both locks: make `name`'s entry match the stored manifest; True if it changed."""
+        entry = self._entries.get(name)
+        if manifest is not None and not _known_kind(manifest):
+            manifest = None
+        if manifest is None:
+            if entry is not None:
+                self._unseat(self._entries.pop(name))
+            return entry is not None
+        if entry is not None and entry.created_at == manifest["created_at"]:
+            entry.manifest["pinned"] = entry.pinned = bool(manifest.get("pinned"))
+            return False
+        if entry is not None:
+            self._unseat(entry)
+        self._entries[name] = self._entry(manifest)
+        return True
+
+    def _entry(self, manifest: dict) -> Entry:
+        return Entry(manifest, self.store.folder(manifest["name"]), pinned=bool(manifest.get("pinned")))
 
     def get(self, name: str) -> Entry:
         entry = self._entries.get(name)
@@ -188,6 +226,8 @@ class Registry:
         """The adapter's resident weights, loading them on first use; the caller must `release` it."""
         self._loop = asyncio.get_running_loop()
         deadline = self._loop.time() + ACQUIRE_TIMEOUT_S
+        if self.shared:
+            await asyncio.to_thread(self.sync, name)
         while True:
             with self._lock:
                 entry = self.get(name)
@@ -365,6 +405,13 @@ class Registry:
             self.metrics.set_registered(kind, registered[kind])
             self.metrics.set_resident(kind, resident[kind])
         self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live))
+
+
+def _known_kind(manifest: dict) -> bool:
+    if manifest.get("kind") in ADAPTER_KINDS:
+        return True
+    log.warning("store: skipping %s (unknown kind %r)", manifest["name"], manifest.get("kind"))
+    return False
 
 
 def _untrusted(fn, *args):

@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from server.adapters.registry import Registry
-from server.api.deps import require_admin
+from server.api.deps import require_admin, synced_store
 from server.errors import ForbiddenError, InvalidRequestError
 from server.store import check_name
 from server.upload import receive, unpack
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(synced_store)])
 admin = [Depends(require_admin)]
 
 

@@ -1,6 +1,7 @@
 """Services and guards the routers read from `app.state`."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import Request
@@ -25,3 +26,10 @@ def require_api_key(request: Request) -> None:
 
 def require_admin(request: Request) -> None:
     _check_bearer(request, request.app.state.settings.admin_token, "admin token")
+
+
+async def synced_store(request: Request) -> None:
+    """Shared store (cluster): take in other servers' uploads, deletes and pins before answering."""
+    registry = request.app.state.registry
+    if registry.shared:
+        await asyncio.to_thread(registry.sync)

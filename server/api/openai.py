@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api.deps import require_api_key
+from server.api.deps import require_api_key, synced_store
 from server.api.generation import Generation, Job, Outcome
 from server.api.logprobs import legacy_logprobs
 from server.api.schemas import ChatBody, ChatMessage, CompletionBody
@@ -17,7 +17,7 @@ from server.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
-@router.get("/models")
+@router.get("/models", dependencies=[Depends(synced_store)])
 async def models(request: Request) -> dict:
     base = request.app.state.base
     created = int(request.app.state.started_at)

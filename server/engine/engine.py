@@ -90,6 +90,9 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout_s)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     @property
     def waiting(self) -> int:
         return self._pending

@@ -1,0 +1,68 @@
+"""Two servers on one store folder (`--shared-store`, as the cluster's replicas run): each sees the other's writes."""
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import LLAMA, live_server, references
+from tests.store.helpers import LORA, LORA_ALL, PROMPT, folder_files, upload
+
+PROMPT_IDS = references("peft", "tiny-llama")["prompts"][0]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    store = tmp_path / "store"
+    with live_server(tmp_path / "a", model=LLAMA, store=store, shared_store=True) as a, \
+            live_server(tmp_path / "b", model=LLAMA, store=store, shared_store=True) as b:
+        yield httpx.Client(base_url=a.url, timeout=60), httpx.Client(base_url=b.url, timeout=60)
+
+
+def _tokens(client: httpx.Client, adapter: str) -> httpx.Response:
+    return client.post("/generate", params={"adapter": adapter},
+                       json={"prompt_token_ids": PROMPT_IDS, "max_new_tokens": 12})
+
+
+def _expected(name: str) -> list[int]:
+    return references("peft", "tiny-llama")["adapters"][name]["outputs"][0]
+
+
+def test_upload_through_one_is_listed_and_served_by_the_other(pair):
+    a, b = pair
+    assert upload(a, "x", files=folder_files(LORA)).status_code == 201
+    assert [m["id"] for m in b.get("/v1/models").json()["data"]][1:] == ["x"]
+    assert b.get("/adapters/x").status_code == 200
+    assert _tokens(b, "x").json()["token_ids"] == _expected("lora-qv-r8")
+
+
+def test_delete_and_replace_through_one_reach_the_other_at_once(pair):
+    a, b = pair
+    assert upload(a, "x", files=folder_files(LORA)).status_code == 201
+    assert _tokens(b, "x").json()["token_ids"] == _expected("lora-qv-r8")  # resident on b now
+    assert upload(a, "x", files=folder_files(LORA_ALL), replace=True).status_code == 201
+    assert _tokens(b, "x").json()["token_ids"] == _expected("lora-all-r16")
+    assert a.delete("/adapters/x").status_code == 200
+    assert _tokens(b, "x").status_code == 404
+    assert b.get("/adapters").json()["adapters"] == []
+
+
+def test_same_name_uploaded_through_both_keeps_the_first(pair):
+    a, b = pair
+    assert upload(a, "x", files=folder_files(PROMPT)).status_code == 201
+    second = upload(b, "x", files=folder_files(LORA))
+    assert second.status_code == 409, second.text
+    assert _tokens(b, "x").json()["kind"] == "prompt"
+
+
+def test_start_up_leaves_another_servers_young_upload_alone(tmp_path):
+    store = tmp_path / "store"
+    with live_server(tmp_path / "a", model=LLAMA, store=store, shared_store=True):
+        young, old = store / ".tmp-young", store / ".tmp-old"
+        young.mkdir()
+        old.mkdir()
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+        with live_server(tmp_path / "b", model=LLAMA, store=store, shared_store=True):
+            assert young.exists() and not old.exists()
