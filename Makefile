@@ -17,7 +17,7 @@ TORCH_SPEC ?= $(if $(HAS_NVIDIA),torch,torch==2.13.0)
 
 STAMPS := $(VENV)/.stamps
 
-.PHONY: serve cluster test bench lint-docker venv clean-venv FORCE
+.PHONY: serve cluster test bench default-model example-adapters lint-docker venv clean-venv FORCE
 
 serve: $(STAMPS)/runtime
 	$(PY) -m server --host $(HOST) --port $(PORT)
@@ -35,6 +35,16 @@ bench: $(STAMPS)/bench
 	$(PY) -m load_tests.build_bench_model --out load_tests/models
 	mkdir -p bench_out
 	$(PY) -m load_tests.bench --spawn --rounds 4 --baseline peft --json bench_out/bench.json --png bench_out/bench.png
+
+# Re-creates default_model/ (about 45 minutes on 2 CPU cores) and examples/ (about 10), then measures
+# the adapters through the server. Deterministic for a given seed, thread count and Python stdlib.
+default-model: $(STAMPS)/dev
+	$(PY) -m scripts.pretrain --out default_model
+	$(MAKE) example-adapters
+
+example-adapters: $(STAMPS)/dev
+	$(PY) -m scripts.train_adapters --base default_model --out examples
+	$(PY) -m scripts.evaluate --base default_model --examples examples --json examples/evaluation.json
 
 lint-docker: $(STAMPS)/dev
 	$(VENV)/bin/hadolint Dockerfile

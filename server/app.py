@@ -3,6 +3,8 @@
 `--adapter NAME=DIR` flags are imported into the store at start-up (normalised, validated, written
 atomically like an upload), replacing a stored adapter of that name unless the folder's files are
 unchanged; so a flag's adapter stays registered after a restart without the flag, until deleted.
+With the embedded default model, a new store also gets the example adapters trained on it
+(`examples/`, see scripts/train_adapters.py), once: a deleted example stays deleted.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ from server.config import Settings
 from server.engine.engine import Engine, EngineSettings
 from server.errors import HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
-from server.model import load_base_model
+from server.model import DEFAULT_MODEL_DIR, load_base_model
 from server.store import Store
 
 log = logging.getLogger(__name__)
+EXAMPLES_DIR = DEFAULT_MODEL_DIR.parent / "examples"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -48,9 +51,13 @@ async def _lifespan(app: FastAPI):
         torch.set_num_threads(settings.threads)
     base = load_base_model(settings.model, settings.device, settings.dtype, settings.onednn_linear)
     metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
+    new_store = not settings.store.exists()
     registry = Registry(base, metrics, Store(settings.store), settings.max_resident_adapters,
                         settings.max_adapter_memory_bytes, shared=settings.shared_store)
     await asyncio.to_thread(registry.open)  # recover interrupted writes, register what the store holds
+    if new_store and settings.examples and settings.model is None:
+        for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()):
+            await asyncio.to_thread(registry.import_folder, folder.name, folder, source=f"example:{folder.name}")
     for name, folder in _adapter_flags(settings.adapter):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
                                 skip_unchanged=True)

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     onednn_linear: bool = Field(True, description="CPU fp32: run linear layers through oneDNN (faster than MKL)")
     threads: int = Field(0, description="torch CPU threads (0: torch's default)")
     adapter: list[str] = Field(default_factory=list, description="NAME=DIR adapter to register at start (repeatable)")
+    examples: bool = Field(True, description="embedded model: register the example adapters when the store is new")
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     max_batch_tokens: int = Field(65536, ge=16, description="KV positions the running rows may reserve")
     max_prefill_tokens: int = Field(4096, ge=16, description="padded tokens in one prefill forward")

@@ -49,9 +49,11 @@ def test_walkthrough_commands(server):
             run = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
             outputs.append(run.stdout)
-    listing = next(json.loads(o) for o in outputs if o.startswith('{"adapters"'))
-    assert {a["name"]: a["kind"] for a in listing["adapters"]} == {
-        "my-lora": "lora", "my-prompt": "prompt", "my-bottleneck": "bottleneck"}
+    listings = [json.loads(o) for o in outputs if o.startswith('{"adapters"')]
+    examples = {"docstring-lora": "lora", "unittest-prompt": "prompt", "prose-bottleneck": "bottleneck"}
+    assert {a["name"]: a["kind"] for a in listings[0]["adapters"]} == examples  # registered at first start
+    assert {a["name"]: a["kind"] for a in listings[-1]["adapters"]} == {
+        **examples, "my-lora": "lora", "my-prompt": "prompt", "my-bottleneck": "bottleneck"}
     merged = [json.loads(o) for o in outputs if '"mode":"merged"' in o]
     unmerged = [json.loads(o) for o in outputs if '"mode":"unmerged"' in o and '"adapter":"my-lora"' in o]
     assert merged and unmerged and merged[0]["token_ids"] == unmerged[-1]["token_ids"]
