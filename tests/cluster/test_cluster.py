@@ -5,6 +5,7 @@ tests speak HTTP to its ingress and read `x-hotswap-replica` to see which replic
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -99,6 +100,21 @@ def test_requests_follow_their_adapter_and_equal_the_single_server(cluster):
         assert r.json()["token_ids"] == _expected(name)[i], (name, i)
         replicas_of[name].add(r.headers[REPLICA])
     assert all(len(ids) == 1 for ids in replicas_of.values()), dict(replicas_of)
+
+
+def test_openai_model_routes_like_the_query_and_streams_equal_the_json(cluster):
+    url, _ = cluster
+    prompt = references("peft", "tiny-llama")["prompts"][1]
+    plain = _generate(url, "seq_bn-rf16", prompt)
+    body = {"model": "seq_bn-rf16", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    completion = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert completion.headers[REPLICA] == plain.headers[REPLICA]
+    assert completion.json()["choices"][0]["text"] == plain.json()["text"]
+    with httpx.stream("POST", f"{url}/generate", params={"adapter": "seq_bn-rf16"}, timeout=60,
+                      json={"prompt_token_ids": prompt, "max_new_tokens": 12, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["token_id"] for e in events[:-1]] == events[-1]["token_ids"] == _expected("seq_bn-rf16")[1]
 
 
 def test_each_replica_exports_its_metrics(cluster):
