@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
+from server.adapters.weights import read_pickle, read_safetensors, require_finite
 from server.errors import AdapterFormatError
 
 HUB_CONFIG = "adapter_config.json"
@@ -338,37 +336,14 @@ def _hub_param(param: str, spec: BottleneckSpec) -> str | None:
     return None
 
 
-# What safetensors and torch.load raise on damaged or refused files (LookupError: KeyError and
-# IndexError from garbage pickles; ValueError includes UnicodeDecodeError).
-_TENSOR_READ_ERRORS = (
-    SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, TypeError,
-)
-
-
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A safetensors file, or a pickle read with weights_only=True; float tensors only, as float32."""
-    try:
-        if path.suffix == ".safetensors":
-            raw = load_file(path, device="cpu")
-        else:
-            raw = torch.load(path, weights_only=True, map_location="cpu")
-    except _TENSOR_READ_ERRORS as err:
-        expected = "a readable tensor file (safetensors, or a pickle of plain tensors)"
-        raise AdapterFormatError(path.name, expected, str(err)[:300]) from err
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(path.name, "a dict of tensors", type(raw).__name__)
-    return {_key(k, path): _tensor(k, v) for k, v in raw.items()}
+    raw = read_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)
+    return {k: _tensor(k, v) for k, v in raw.items()}
 
 
-def _key(key: object, path: Path) -> str:
-    if not isinstance(key, str):
-        raise AdapterFormatError(path.name, "string keys", key)
-    return key
-
-
-def _tensor(key: str, value: object) -> Tensor:
-    if not isinstance(value, Tensor) or not value.is_floating_point():
-        raise AdapterFormatError(key, "a floating-point tensor", getattr(value, "dtype", type(value).__name__))
-    if not torch.isfinite(value).all():
-        raise AdapterFormatError(key, "finite values", "NaN or Inf")
+def _tensor(key: str, value: Tensor) -> Tensor:
+    if not value.is_floating_point():
+        raise AdapterFormatError(key, "a floating-point tensor", value.dtype)
+    require_finite(key, value)
     return value.detach().to(torch.float32).contiguous()

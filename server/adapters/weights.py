@@ -70,14 +70,24 @@ def check_safetensors_header(path: Path) -> None:
         raise AdapterFormatError(path.name, f"{max(ends)} bytes of tensor data", f"{size - 8 - n} (truncated?)")
 
 
+# What torch.load(weights_only=True) raises on damaged or refused files (LookupError: KeyError and
+# IndexError from garbage pickles; ValueError includes UnicodeDecodeError).
+_PICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, LookupError, ValueError, TypeError)
+
+
 def read_pickle(path: Path) -> dict[str, Tensor]:
-    """A PyTorch pickle holding plain tensors only: anything else is refused, nothing is executed."""
+    """A PyTorch pickle of names to plain tensors: anything else is refused (naming the key), nothing is executed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except _PICKLE_ERRORS as exc:
         raise AdapterFormatError(path.name, "a weights-only PyTorch file of plain tensors", str(exc)[:300]) from exc
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise AdapterFormatError(path.name, "a mapping of names to tensors", type(obj).__name__)
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise AdapterFormatError(path.name, "string keys", key)
+        if not isinstance(value, Tensor):
+            raise AdapterFormatError(key, f"a tensor (in {path.name})", type(value).__name__)
     return obj
 
 

@@ -377,4 +377,4 @@ def test_bin_with_pickled_object_is_refused_and_not_run(tmp_path):
 def test_bin_with_non_tensor_values_is_refused(tmp_path):
     with pytest.raises(AdapterFormatError) as e:
         load_lora(bin_folder(tmp_path, {f"{QV}.lora_A.weight": 3}), load_base("llama"))
-    assert e.value.field == "adapter_model.bin"
+    assert e.value.field == f"{QV}.lora_A.weight"  # the offending key; the file is in `expected`
