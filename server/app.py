@@ -69,9 +69,23 @@ async def _lifespan(app: FastAPI):
     await registry.preload_pinned()
     await asyncio.to_thread(engine.ready.wait)
     log.info("ready: %s with %d adapters", base.name, len(registry.all()))
+    poll = asyncio.create_task(_poll_store(registry, settings.store_poll_s)) if settings.shared_store else None
     yield
+    if poll is not None:
+        poll.cancel()
     app.state.draining = True
     await asyncio.to_thread(engine.stop, settings.shutdown_timeout_s)
+
+
+async def _poll_store(registry: Registry, every_s: float) -> None:
+    """Shared store: take in other servers' changes between requests too, so this server's gauges
+    (registered, resident, memory) are current and a deleted adapter's memory is freed."""
+    while every_s:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(registry.sync)
+        except OSError as exc:
+            log.warning("store: re-reading the shared store failed: %s", exc)
 
 
 def _engine_settings(s: Settings) -> EngineSettings:

@@ -66,3 +66,14 @@ def test_start_up_leaves_another_servers_young_upload_alone(tmp_path):
         os.utime(old, (time.time() - 7200, time.time() - 7200))
         with live_server(tmp_path / "b", model=LLAMA, store=store, shared_store=True):
             assert young.exists() and not old.exists()
+
+
+def test_the_other_servers_gauges_follow_without_a_request(tmp_path):
+    store = tmp_path / "store"
+    with live_server(tmp_path / "a", model=LLAMA, store=store, shared_store=True) as a, \
+            live_server(tmp_path / "b", model=LLAMA, store=store, shared_store=True, store_poll_s=0.2) as b:
+        assert upload(httpx.Client(base_url=a.url, timeout=60), "x", files=folder_files(PROMPT)).status_code == 201
+        deadline = time.monotonic() + 10
+        while 'hotswap_adapters_registered{kind="prompt"} 1.0' not in httpx.get(f"{b.url}/metrics").text:
+            assert time.monotonic() < deadline, "b never took in the upload"
+            time.sleep(0.1)
