@@ -25,7 +25,7 @@ from server.api import adapters, generate, health, openai
 from server.api.generation import Generation
 from server.config import Settings
 from server.engine.engine import Engine, EngineSettings
-from server.errors import HotswapError, InvalidRequestError, QueueFullError
+from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
 from server.store import Store
@@ -56,8 +56,9 @@ async def _lifespan(app: FastAPI):
                         settings.max_adapter_memory_bytes, shared=settings.shared_store)
     await asyncio.to_thread(registry.open)  # recover interrupted writes, register what the store holds
     if new_store and settings.examples and settings.model is None:
-        for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()):
-            await asyncio.to_thread(registry.import_folder, folder.name, folder, source=f"example:{folder.name}")
+        await asyncio.to_thread(_import_examples, registry)
+    if registry.shared:  # another replica may have imported the same flags a moment ago
+        await asyncio.to_thread(registry.sync)
     for name, folder in _adapter_flags(settings.adapter):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
                                 skip_unchanged=True)
@@ -86,6 +87,14 @@ async def _poll_store(registry: Registry, every_s: float) -> None:
             await asyncio.to_thread(registry.sync)
         except OSError as exc:
             log.warning("store: re-reading the shared store failed: %s", exc)
+
+
+def _import_examples(registry: Registry) -> None:
+    for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_dir()):
+        try:
+            registry.import_folder(folder.name, folder, source=f"example:{folder.name}")
+        except AdapterExistsError:  # a shared store: another replica registered it first
+            log.info("example %s is already registered", folder.name)
 
 
 def _engine_settings(s: Settings) -> EngineSettings:

@@ -7,6 +7,11 @@ import time
 import httpx
 import pytest
 
+from server.adapters.registry import Registry
+from server.app import _import_examples
+from server.metrics import Metrics
+from server.model import load_base_model
+from server.store import Store
 from tests.conftest import LLAMA, live_server, references
 from tests.store.helpers import LORA, LORA_ALL, PROMPT, folder_files, upload
 
@@ -77,3 +82,16 @@ def test_the_other_servers_gauges_follow_without_a_request(tmp_path):
         while 'hotswap_adapters_registered{kind="prompt"} 1.0' not in httpx.get(f"{b.url}/metrics").text:
             assert time.monotonic() < deadline, "b never took in the upload"
             time.sleep(0.1)
+
+
+
+def test_a_replica_that_loses_the_race_to_import_the_examples_skips_them(tmp_path):
+    """Two replicas with the embedded model start on a new shared store: both import examples/."""
+    base = load_base_model(None)
+    first, second = (Registry(base, Metrics(), Store(tmp_path / "store"), shared=True) for _ in range(2))
+    first.open()
+    second.open()
+    _import_examples(first)
+    _import_examples(second)  # its registry had not seen them: each commit finds the name taken
+    second.sync()
+    assert [e.name for e in second.all()] == ["docstring-lora", "prose-bottleneck", "unittest-prompt"]
