@@ -57,8 +57,6 @@ async def _lifespan(app: FastAPI):
     await asyncio.to_thread(registry.open)  # recover interrupted writes, register what the store holds
     if new_store and settings.examples and settings.model is None:
         await asyncio.to_thread(_import_examples, registry)
-    if registry.shared:  # another replica may have imported the same flags a moment ago
-        await asyncio.to_thread(registry.sync)
     for name, folder in _adapter_flags(settings.adapter):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
                                 skip_unchanged=True)
@@ -70,7 +68,8 @@ async def _lifespan(app: FastAPI):
     await registry.preload_pinned()
     await asyncio.to_thread(engine.ready.wait)
     log.info("ready: %s with %d adapters", base.name, len(registry.all()))
-    poll = asyncio.create_task(_poll_store(registry, settings.store_poll_s)) if settings.shared_store else None
+    polls = settings.shared_store and settings.store_poll_s > 0
+    poll = asyncio.create_task(_poll_store(registry, settings.store_poll_s)) if polls else None
     yield
     if poll is not None:
         poll.cancel()
@@ -81,7 +80,7 @@ async def _lifespan(app: FastAPI):
 async def _poll_store(registry: Registry, every_s: float) -> None:
     """Shared store: take in other servers' changes between requests too, so this server's gauges
     (registered, resident, memory) are current and a deleted adapter's memory is freed."""
-    while every_s:
+    while True:
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(registry.sync)

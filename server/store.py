@@ -177,25 +177,19 @@ class Store:
 
     def manifests(self) -> list[dict]:
         """Every stored adapter's manifest; folders without a readable one are skipped (logged)."""
-        found = []
-        for path in sorted(self.root.iterdir()):
-            if path.is_dir() and not path.name.startswith("."):
-                manifest = self.manifest(path.name)
-                if manifest is not None:
-                    found.append(manifest)
-        return found
+        return [m for path in sorted(self.root.iterdir()) if (m := self.manifest(path.name)) is not None]
 
     def manifest(self, name: str) -> dict | None:
         """One adapter's manifest, or None when it is not stored (or unreadable: logged)."""
         path = self.root / name
+        if not NAME_RE.fullmatch(name) or not path.is_dir():
+            return None
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             log.warning("store: skipping %s (no readable %s: %s)", name, MANIFEST, exc)
             return None
-        if not isinstance(manifest, dict) or manifest.get("name") != name or not NAME_RE.fullmatch(name):
+        if not isinstance(manifest, dict) or manifest.get("name") != name:
             log.warning("store: skipping %s (its manifest names another adapter)", name)
             return None
         return manifest

@@ -6,12 +6,11 @@ must lower the perplexity of held-out text of its own kind, scored through the s
 """
 from __future__ import annotations
 
-import math
-
 import httpx
 import pytest
 from tokenizers import Tokenizer
 
+from scripts.evaluate import perplexity
 from scripts.train_adapters import KINDS, Data
 from server.model import DEFAULT_MODEL_DIR
 from tests.conftest import live_server
@@ -24,17 +23,6 @@ WINDOWS = 6  # held-out windows (of the length the adapter was trained on) score
 def server(tmp_path_factory):
     with live_server(tmp_path_factory.mktemp("examples")) as srv:  # the embedded model, a new store
         yield srv
-
-
-def _perplexity(url: str, model: str, windows) -> float:
-    total, count = 0.0, 0
-    for window in windows.tolist():
-        body = {"model": model, "prompt": window, "max_tokens": 0, "echo": True, "logprobs": 0}
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        scores = r.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
-        total, count = total + sum(scores), count + len(scores)
-    return math.exp(-total / count)
 
 
 def test_a_new_store_gets_the_examples(server):
@@ -53,8 +41,9 @@ def test_each_example_lowers_held_out_perplexity_of_its_own_data(server, kind):
     recipe = KINDS[kind]
     tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
     windows = Data(recipe.subcorpus, tokenizer, recipe.context).held_out[:WINDOWS]
-    base = _perplexity(server.url, "default_model", windows)
-    adapted = _perplexity(server.url, recipe.name, windows)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        base = perplexity(client, "default_model", windows)
+        adapted = perplexity(client, recipe.name, windows)
     assert adapted < 0.95 * base, (recipe.name, base, adapted)  # at least 5% lower
 
 

@@ -34,7 +34,6 @@ from server.errors import (
 from server.metrics import ADAPTER_KINDS, Metrics
 from server.model import BaseModel
 from server.store import (
-    NAME_RE,
     Store,
     StoreCorruptError,
     check_name,
@@ -86,7 +85,7 @@ class Registry:
         if name is None:
             stored = {m["name"]: m for m in self.store.manifests()}
         else:
-            manifest = self.store.manifest(name) if NAME_RE.fullmatch(name) else None
+            manifest = self.store.manifest(name)
             stored = {name: manifest} if manifest else {}
         with self._admin, self._lock:
             changed = [n for n in (stored.keys() | self._entries.keys() if name is None else {name})
