@@ -45,7 +45,8 @@ def cluster(tmp_path_factory):
     proc = subprocess.Popen(cmd, stdout=(root / "log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, lambda: proc.poll() is None, timeout_s=300)
+        wait_ready(url, lambda: proc.poll() is None, timeout_s=300)  # one replica is enough for /ready
+        _wait_for_replicas(metrics_port, 2, timeout_s=300)
         with httpx.Client(base_url=url, timeout=120) as client:
             for name, (folder, _) in ADAPTERS.items():
                 files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir())]
@@ -58,6 +59,20 @@ def cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+def _wait_for_replicas(metrics_port: int, n: int, timeout_s: float) -> None:
+    """Until all n replicas are up: each opens its metrics port once its app is ready."""
+    deadline = time.monotonic() + timeout_s
+    for port in range(metrics_port, metrics_port + n):
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"replica with metrics port {port} never came up"
+            time.sleep(0.5)
 
 
 def _generate(url: str, adapter: str, prompt: list[int], n: int = 12, **extra) -> httpx.Response:
