@@ -1,43 +1,36 @@
-"""The decoder forward pass over our own KV cache, for Llama- and GPT-2-style models.
+"""The decoder forward pass: the model's own transformers code, over our KV cache.
 
-The Hugging Face modules (linears, norms, MLPs, rotary embedding) are called as they
-are, so adapter wrappers installed on them take effect; attention, the KV cache and
-positions are ours, which is what lets rows of different lengths and adapters share
-one batch. Bottleneck adapters plug in at the two residual points of each layer
-through `ResidualHooks`.
+The model runs as transformers wrote it (embedding scale, rotary and its scaling, q/k norms,
+biases, fused projections, MoE routing, sandwich norms), with one attention implementation of
+ours registered through transformers' attention interface under the name "hotswap". Each
+forward passes a `Step` (the `StepShape` and the cache) as a keyword argument, which
+transformers hands down to every attention call; `attention` writes the layer's new k/v into
+our cache at each row's own positions and attends over the cached span with the row's mask,
+honouring what the model passes it: `scaling`, GQA, `sliding_window`, `softcap`.
+
+No mask function is registered: transformers builds no mask for an attention implementation
+without one (masking_utils `_preprocess_mask_arguments` returns None), so it spends nothing on
+masks we would not read; ours come from the `StepShape`, per sliding window once per forward.
+
+Adapter wrappers installed on the model's modules (LoRA) take effect because its modules are
+called; bottleneck adapters join at the residual points of `server/residual.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers import AttentionInterface
 
 from server.engine.cache import KVCache
+from server.residual import PLAIN, ResidualHooks, ResidualPoints
 
+__all__ = ["ATTENTION", "PLAIN", "Decoder", "ResidualHooks", "Step", "StepShape", "attention"]
 
-class ResidualHooks(Protocol):
-    """Where serial adapters join the residual stream (h: sub-block output, x: its input)."""
-
-    def after_attention(self, layer: int, h: Tensor, x: Tensor) -> Tensor: ...
-
-    def after_ffn(self, layer: int, h: Tensor, x: Tensor) -> Tensor: ...
-
-
-class PlainResidual:
-    """The base model's residual: `x + h` at both points."""
-
-    def after_attention(self, layer: int, h: Tensor, x: Tensor) -> Tensor:
-        return x + h
-
-    def after_ffn(self, layer: int, h: Tensor, x: Tensor) -> Tensor:
-        return x + h
-
-
-PLAIN = PlainResidual()
+ATTENTION = "hotswap"  # the attn_implementation name the base model is switched to
+STEP = "hotswap_step"  # the forward keyword that carries the Step down to `attention`
 
 
 @dataclass(frozen=True)
@@ -65,141 +58,106 @@ class StepShape:
         return StepShape(row0, start_t, positions, mask[:, None], span)
 
 
-class Decoder:
-    """The forward pass of one architecture family; `forward` is shared, the parts differ."""
+@dataclass
+class Step:
+    """What one forward's attention calls share: the shape, the cache, masks per sliding window."""
 
-    def __init__(self, model: nn.Module) -> None:
+    shape: StepShape
+    cache: KVCache
+    windowed: dict[int, Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> Tensor:
+        """[N, 1, L, T] bool; with a window W, key j is seen by position p iff p - W < j <= p."""
+        if sliding_window is None or sliding_window >= self.shape.span:
+            return self.shape.mask
+        if sliding_window not in self.windowed:
+            keys = torch.arange(self.shape.span, device=self.shape.positions.device)  # [T]
+            recent = keys[None, None, :] > self.shape.positions[:, :, None] - sliding_window  # [N, L, T]
+            self.windowed[sliding_window] = self.shape.mask & recent[:, None]
+        return self.windowed[sliding_window]
+
+
+def attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    hotswap_step: Step | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """query: [N, Hq, L, D], key/value: [N, Hkv, L, D] -> ([N, L, Hq, D], no weights), via the cache."""
+    if hotswap_step is None:
+        raise ValueError(f"attn_implementation {ATTENTION!r} runs only inside Decoder.forward")
+    if dropout:
+        raise ValueError(f"attention dropout {dropout}: the base model must be in eval mode")
+    step = hotswap_step
+    shape = step.shape
+    keys, values = step.cache.write(module.layer_idx, shape.row0, shape.starts, key, value, shape.span)  # [N, Hkv, T, D]
+    mask = step.mask(sliding_window)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=keys.shape[1] != query.shape[1]
+        )  # [N, Hq, L, D]
+    else:
+        out = _softcapped(query, keys, values, mask, scaling, softcap)
+    return out.transpose(1, 2), None
+
+
+def _softcapped(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scaling: float | None,
+                softcap: float) -> Tensor:
+    """Attention with soft-capped scores, as transformers' eager path: cap·tanh(s/cap), softmax in fp32."""
+    groups = query.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)  # [N, Hq, T, D]
+    values = values.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scale  # [N, Hq, L, T]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, values)  # [N, Hq, L, D]
+
+
+AttentionInterface.register(ATTENTION, attention)
+
+
+class Decoder:
+    """The base model's forward over our cache: embed ids, run the layers, project to logits."""
+
+    def __init__(self, model: nn.Module, residual: ResidualPoints | None) -> None:
+        model.set_attn_implementation(ATTENTION)
         self.model = model
+        self.residual = residual  # None: no bottleneck adapters on this family
+        cfg = model.config
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)  # gemma2, gemma3
+        self.logits_scaling = getattr(cfg, "logits_scaling", None)  # granite: logits / scaling
 
     def embed(self, ids: Tensor) -> Tensor:
-        raise NotImplementedError
+        """ids: [..] -> [.., H], what the model's input embedding gives (any scale inside the model's
+        forward, e.g. gemma2's sqrt(H), is applied there, to soft-prompt embeddings too, as in PEFT)."""
+        return self.model.get_input_embeddings()(ids)
 
     def forward(self, x: Tensor, shape: StepShape, cache: KVCache, hooks: ResidualHooks = PLAIN) -> Tensor:
-        """x: [N, L, H] input embeddings -> [N, L, H] final hidden states (before the last norm)."""
-        x = self.add_positions(x, shape)
-        extra = self.position_extras(x, shape)
-        for i, layer in enumerate(self.layers()):
-            h = self.attention(i, layer, self.attn_norm(layer)(x), shape, cache, extra)
-            x = hooks.after_attention(i, h, x)
-            h = layer.mlp(self.ffn_norm(layer)(x))
-            x = hooks.after_ffn(i, h, x)
-        return x
+        """x: [N, L, H] input embeddings -> [N, L, H] final hidden states (after the final norm)."""
+        step = Step(shape, cache)
+        inner = self.model.base_model
+        kwargs = {"inputs_embeds": x, "position_ids": shape.positions, "use_cache": False, STEP: step}
+        if hooks is PLAIN:
+            return inner(**kwargs).last_hidden_state
+        if self.residual is None:
+            raise ValueError(f"{self.model.config.model_type}: no residual points for bottleneck adapters")
+        with self.residual.joined(inner, hooks):
+            return inner(**kwargs).last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden: [N, H] -> [N, V] (float32)."""
-        return self.model.lm_head(self.final_norm(hidden)).float()
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, shape: StepShape, cache: KVCache) -> Tensor:
-        """q: [N, Hq, L, D], k/v: [N, Hkv, L, D] -> [N, L, Hq*D], via the cache."""
-        keys, values = cache.write(layer, shape.row0, shape.starts, k, v, shape.span)  # [N, Hkv, T, D]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=shape.mask, scale=self.scale, enable_gqa=keys.shape[1] != q.shape[1]
-        )  # [N, Hq, L, D]
-        n, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(n, length, -1)
-
-    # the parts each family supplies
-    scale: float
-
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    def add_positions(self, x: Tensor, shape: StepShape) -> Tensor:
-        return x
-
-    def position_extras(self, x: Tensor, shape: StepShape) -> object:
-        return None
-
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def ffn_norm(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def final_norm(self, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def attention(self, i: int, layer: nn.Module, x: Tensor, shape: StepShape, cache: KVCache, extra: object) -> Tensor:
-        raise NotImplementedError
-
-
-class LlamaDecoder(Decoder):
-    """Llama, Mistral, Qwen2 and kin: RMSNorm, rotary positions, GQA, gated MLP."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        cfg = model.config
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = self.head_dim**-0.5
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.model.model.embed_tokens(ids)
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def position_extras(self, x: Tensor, shape: StepShape) -> tuple[Tensor, Tensor]:
-        return self.model.model.rotary_emb(x, shape.positions)  # cos, sin: [N, L, D]
-
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def ffn_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.post_attention_layernorm
-
-    def final_norm(self, hidden: Tensor) -> Tensor:
-        return self.model.model.norm(hidden)
-
-    def attention(self, i: int, layer: nn.Module, x: Tensor, shape: StepShape, cache: KVCache, extra: object) -> Tensor:
-        attn = layer.self_attn
-        n, length, _ = x.shape
-        q = attn.q_proj(x).view(n, length, -1, self.head_dim).transpose(1, 2)  # [N, Hq, L, D]
-        k = attn.k_proj(x).view(n, length, -1, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
-        v = attn.v_proj(x).view(n, length, -1, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
-        cos, sin = extra
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return attn.o_proj(self.attend(i, q, k, v, shape, cache))
-
-
-class Gpt2Decoder(Decoder):
-    """GPT-2: LayerNorm, learned absolute positions, fused Conv1D qkv."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        cfg = model.config
-        self.n_heads = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-
-    def embed(self, ids: Tensor) -> Tensor:
-        return self.model.transformer.wte(ids)
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.transformer.h
-
-    def add_positions(self, x: Tensor, shape: StepShape) -> Tensor:
-        return x + self.model.transformer.wpe(shape.positions)
-
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.ln_1
-
-    def ffn_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.ln_2
-
-    def final_norm(self, hidden: Tensor) -> Tensor:
-        return self.model.transformer.ln_f(hidden)
-
-    def attention(self, i: int, layer: nn.Module, x: Tensor, shape: StepShape, cache: KVCache, extra: object) -> Tensor:
-        attn = layer.attn
-        n, length, hidden = x.shape
-        qkv = attn.c_attn(x).view(n, length, 3, self.n_heads, self.head_dim)  # [N, L, 3, H, D]
-        q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))  # each [N, H, L, D]
-        return attn.c_proj(self.attend(i, q, k, v, shape, cache))
-
-
-FAMILIES: dict[str, type[Decoder]] = {
-    "llama": LlamaDecoder,
-    "mistral": LlamaDecoder,
-    "qwen2": LlamaDecoder,
-    "gpt2": Gpt2Decoder,
-}
+        """hidden: [N, H] (from `forward`) -> [N, V] float32, through the head as the model's own forward."""
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()

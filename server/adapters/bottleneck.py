@@ -6,7 +6,7 @@ The three parts every adapter kind has:
 - layer: `BottleneckHooks.build(rows)` -> the decoder's `ResidualHooks` for one batch composition.
 
 What one adapter computes where the decoder would add `x + h` (h: sub-block output, x: its
-residual input), as AdapterHub 1.3.0 does for pre-LN decoders (Llama, GPT-2), which hand the
+residual input), as AdapterHub 1.3.0 does for pre-LN decoders (Llama, Mistral, GPT-2), which hand the
 adapter layer `layer_norm=None`, so no base norm is ever applied by the adapter:
 
     f(v)  = s * up(act(down(LN_before(v))))          LN_before only with ln_before
@@ -45,6 +45,7 @@ from server.adapters.bottleneck_format import (
 from server.decoder import PLAIN, ResidualHooks
 from server.errors import AdapterFormatError
 from server.model import Geometry
+from server.residual import RESIDUAL_POINTS
 
 __all__ = ["BottleneckAdapter", "BottleneckHooks", "BottleneckSpec", "load_bottleneck", "parse_bottleneck_config"]
 
@@ -149,10 +150,19 @@ def load_bottleneck(folder: Path, base: object) -> BottleneckAdapter:
     CPU weights; call `.to(device, dtype)` before use. Raises AdapterFormatError naming the field.
     """
     geometry: Geometry = getattr(base, "geometry", base)
+    _check_family(base)
     files = read_adapter_folder(Path(folder))
     if files.hidden_size is not None and files.hidden_size != geometry.hidden:
         raise AdapterFormatError("hidden_size", f"{geometry.hidden} (the base model's)", files.hidden_size)
     return BottleneckAdapter(files.spec, geometry.hidden, _sites(files, geometry))
+
+
+def _check_family(base: object) -> None:
+    """Bottleneck adapters join at residual points known per family (server/residual.py)."""
+    decoder = getattr(base, "decoder", None)
+    if decoder is not None and decoder.residual is None:
+        expected = f"a base model of a family AdapterHub serves bottleneck adapters on ({', '.join(RESIDUAL_POINTS)})"
+        raise AdapterFormatError("model_type", expected, decoder.model.config.model_type)
 
 
 def _sites(files: AdapterFiles, geometry: Geometry) -> dict[Site, dict[str, Tensor]]:
