@@ -62,6 +62,7 @@ async def _lifespan(app: FastAPI):
                                 skip_unchanged=True)
     engine = Engine(base, _engine_settings(settings), metrics, release=_releaser(registry))
     engine.start()
+    registry.on_engine = engine.call  # base weight reads and device placement: between engine steps
     app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
     app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
     app.state.started_at = time.time()

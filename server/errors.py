@@ -114,3 +114,19 @@ class AdapterLoadError(HotswapError):
 
     status = 500
     type = "adapter_load_failed"
+
+
+class RequestFailedError(HotswapError):
+    """The engine could not compute this request (an exception in its prefill, decode, sampling or
+    merge); every other request goes on (500)."""
+
+    status = 500
+    type = "generation_failed"
+
+
+class NonFiniteLogitsError(HotswapError):
+    """The model with this request's adapter produced NaN or infinite logits (422): its weights
+    overflow the activations on this input."""
+
+    status = 422
+    type = "non_finite_logits"

@@ -1,7 +1,8 @@
 """PEFT LoRA adapters with PEFT 0.21.2 semantics: the config and the weights.
 
     spec = parse_lora_config(json)            # every field that changes inference, or a refusal
-    adapter = load_lora(folder, hf_model)     # weights validated against the base modules
+    draft = read_lora(folder, hf_model)       # any thread: files, keys and shapes against the base modules
+    adapter = derive(draft, hf_model)         # engine thread: DoRA norms and bias checks on the pristine base
     ensure_wrapped(hf_model, adapter.modules, ctx); ctx.plan = LoraPlan.build(rows)   # unmerged
     state = merge(hf_model, adapter); ...; state.restore()                             # merged
 
@@ -41,7 +42,8 @@ from server.errors import AdapterFormatError
 
 __all__ = [
     "LoraAdapter", "LoraContext", "LoraLinear", "LoraPlan", "LoraSpec", "LoraWeights", "MergeConflictError",
-    "MergedState", "check_mergeable", "ensure_wrapped", "load_lora", "merge", "parse_lora_config",
+    "LoraDraft", "MergedState", "check_mergeable", "derive", "ensure_wrapped", "load_lora", "merge",
+    "parse_lora_config", "read_lora",
 ]
 
 CONFIG_FILE = "adapter_config.json"
@@ -250,16 +252,49 @@ class LoraAdapter:
         return LoraAdapter(self.spec, {n: w.to(device, dtype) for n, w in self.modules.items()})
 
 
+@dataclass(frozen=True)
+class ModuleDraft:
+    """One module's LoRA as read from the files, before anything that depends on the base's values."""
+
+    A: Tensor  # [r, in]
+    B: Tensor  # [out, r]
+    scale: float
+    magnitude: Tensor | None  # [out] DoRA's lora_magnitude_vector
+    lora_bias: Tensor | None  # [out]
+    file_bias: Tensor | None  # [out] base_layer.bias as the file holds it
+
+
+@dataclass(frozen=True)
+class LoraDraft:
+    """A LoRA folder read and checked against the base model's shapes (any thread). `derive` completes it."""
+
+    spec: LoraSpec
+    modules: dict[str, ModuleDraft]
+    untouched_biases: dict[str, Tensor]  # file key -> bias of an untargeted module (bias="all")
+
+
 def load_lora(folder: Path, model: nn.Module) -> LoraAdapter:
-    """Read and validate a PEFT LoRA folder against `model` (the HF model, wrapped or not). fp32, CPU."""
+    """Read, validate and derive a PEFT LoRA folder against `model` (the HF model, wrapped or not). fp32, CPU."""
+    return derive(read_lora(folder, model), model)
+
+
+def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
+    """Config, keys and shapes against `model`'s modules; reads no base weight values (safe in a worker)."""
     folder = Path(folder)
     spec = parse_lora_config(read_config(folder, CONFIG_FILE))
     targets = _target_names(spec, model)
     parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), targets, model)
-    for key, tensor in extra_biases.items():
+    modules = {name: _module_draft(spec, model, name, parts.get(name, {})) for name in targets}
+    return LoraDraft(spec, modules, extra_biases)
+
+
+def derive(draft: LoraDraft, model: nn.Module) -> LoraAdapter:
+    """What depends on the pristine base weights: bias checks, DoRA norms, bias shifts.
+
+    The server runs this on the engine thread only, where no merge can be changing the weights."""
+    for key, tensor in draft.untouched_biases.items():
         _check_untouched_bias(model, key, tensor)
-    modules = {name: _module_weights(spec, model, name, parts.get(name, {})) for name in targets}
-    return LoraAdapter(spec, modules)
+    return LoraAdapter(draft.spec, {name: _module_weights(model, name, d) for name, d in draft.modules.items()})
 
 
 def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
@@ -322,7 +357,7 @@ def _check_untouched_bias(model: nn.Module, key: str, tensor: Tensor) -> None:
                                  "module)", "a different bias")
 
 
-def _module_weights(spec: LoraSpec, model: nn.Module, name: str, parts: dict) -> LoraWeights:
+def _module_draft(spec: LoraSpec, model: nn.Module, name: str, parts: dict) -> ModuleDraft:
     layer = base_layer(model, name)
     n_in, n_out = _in_out(layer)
     r, scale = spec.rank_and_scale(name)
@@ -331,9 +366,17 @@ def _module_weights(spec: LoraSpec, model: nn.Module, name: str, parts: dict) ->
     lora_bias = _tensor(parts, name, "lora_B.bias", (n_out,), required=spec.lora_bias, allowed=spec.lora_bias)
     magnitude = _tensor(parts, name, "lora_magnitude_vector", (n_out,), required=spec.use_dora,
                         allowed=spec.use_dora)
-    base_bias = _replaced_bias(model, name, layer, _tensor(parts, name, "base_layer.bias", (n_out,)))
-    dora = None if magnitude is None else magnitude / dora_norm(model, name, a, b, scale)
-    return LoraWeights(a, b, scale, dora, lora_bias, base_bias, bias_shift(model, name, scale, lora_bias, base_bias))
+    file_bias = _tensor(parts, name, "base_layer.bias", (n_out,))
+    if file_bias is not None and layer.bias is None:
+        raise AdapterFormatError(f"{KEY_PREFIX}{name}.base_layer.bias", f"no bias ({name} has none)", "a bias")
+    return ModuleDraft(a, b, scale, magnitude, lora_bias, file_bias)
+
+
+def _module_weights(model: nn.Module, name: str, d: ModuleDraft) -> LoraWeights:
+    base_bias = _replaced_bias(model, name, d.file_bias)
+    dora = None if d.magnitude is None else d.magnitude / dora_norm(model, name, d.A, d.B, d.scale)
+    shift = bias_shift(model, name, d.scale, d.lora_bias, base_bias)
+    return LoraWeights(d.A, d.B, d.scale, dora, d.lora_bias, base_bias, shift)
 
 
 def _in_out(layer: nn.Module) -> tuple[int, int]:
@@ -360,10 +403,8 @@ def _tensor(parts: dict, name: str, part: str, shape: tuple[int, ...], required:
     return tensor.float()
 
 
-def _replaced_bias(model: nn.Module, name: str, layer: nn.Module, bias: Tensor | None) -> Tensor | None:
+def _replaced_bias(model: nn.Module, name: str, bias: Tensor | None) -> Tensor | None:
     """The file's base_layer.bias (bias="all"/"lora_only"), or None where it equals the base's."""
     if bias is None:
         return None
-    if layer.bias is None:
-        raise AdapterFormatError(f"{KEY_PREFIX}{name}.base_layer.bias", f"no bias ({name} has none)", "a bias")
     return None if torch.equal(bias, pristine(model, name, "bias").float().cpu()) else bias

@@ -252,15 +252,15 @@ class MergedState:
         if _MERGED.get(self.model) is not self:
             raise MergeConflictError("restore: expected the model's current merge, got one already restored")
         with torch.inference_mode():
-            for name, saved in self.pristine.items():
-                layer = base_layer(self.model, name)
-                for attr, tensor in saved.items():
-                    getattr(layer, attr).copy_(tensor)
+            _copy_back(self.model, self.pristine)
         del _MERGED[self.model]
 
 
 def merge(model: nn.Module, adapter: LoraAdapter) -> MergedState:
-    """Fold W + s·BA (DoRA: g·(W + s·BA); biases) into the targeted base weights, in place."""
+    """Fold W + s·BA (DoRA: g·(W + s·BA); biases) into the targeted base weights, in place.
+
+    A transaction: whatever raises part-way (out of memory, say), every tensor already changed is
+    copied back from its saved original before the exception goes on, so the base stays bit-exact."""
     current = _MERGED.get(model)
     if current is not None:
         raise MergeConflictError(f"merge: expected no adapter merged into this model, got one merged "
@@ -268,10 +268,22 @@ def merge(model: nn.Module, adapter: LoraAdapter) -> MergedState:
     check_mergeable(model, adapter)
     state = MergedState(model, adapter, {})
     with torch.inference_mode():
-        for name, weights in adapter.modules.items():
-            state.pristine[name] = _merge_module(base_layer(model, name), weights)
+        try:
+            for name, weights in adapter.modules.items():
+                _merge_module(base_layer(model, name), weights, state.pristine.setdefault(name, {}))
+        except BaseException:
+            _copy_back(model, state.pristine)
+            raise
     _MERGED[model] = state
     return state
+
+
+def _copy_back(model: nn.Module, saved: dict[str, dict[str, Tensor]]) -> None:
+    """Copy saved originals back into the base layers (under inference_mode)."""
+    for name, tensors in saved.items():
+        layer = base_layer(model, name)
+        for attr, tensor in tensors.items():
+            getattr(layer, attr).copy_(tensor)
 
 
 def check_mergeable(model: nn.Module, adapter: LoraAdapter) -> None:
@@ -292,25 +304,24 @@ def _tied_parameters(model: nn.Module) -> set[int]:
     return {pid for pid, count in seen.items() if count > 1}
 
 
-def _merge_module(layer: nn.Module, w: LoraWeights) -> dict[str, Tensor]:
-    """Merge one module (under inference_mode); return its pristine tensors."""
+def _merge_module(layer: nn.Module, w: LoraWeights, saved: dict[str, Tensor]) -> None:
+    """Merge one module (under inference_mode), each original saved in `saved` before it is changed."""
     weight = layer.weight  # Linear: [out, in]; Conv1D: [in, out]
     dev = weight.device
-    saved = {"weight": weight.detach().clone()}
     delta = (w.B.to(dev, torch.float32) @ w.A.to(dev, torch.float32)) * w.scale  # [out, in]
     conv = isinstance(layer, Conv1D)
     merged = weight.float() + (delta.T if conv else delta)
     if w.dora_scale is not None:
         g = w.dora_scale.to(dev, torch.float32)  # [out]
         merged = merged * (g[None, :] if conv else g[:, None])
+    saved["weight"] = weight.detach().clone()
     weight.copy_(merged.to(weight.dtype))
     if w.base_bias is not None or w.lora_bias is not None:
-        saved["bias"] = layer.bias.detach().clone()
         bias = layer.bias.float() if w.base_bias is None else w.base_bias.to(dev, torch.float32)  # [out]
         if w.lora_bias is not None:
             bias = bias + w.lora_bias.to(dev, torch.float32) * w.scale
+        saved["bias"] = layer.bias.detach().clone()
         layer.bias.copy_(bias.to(layer.bias.dtype))
-    return saved
 
 
 def pristine(model: nn.Module, name: str, attr: str) -> Tensor:

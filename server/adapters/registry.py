@@ -18,10 +18,12 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from server.adapters.adapter import Adapter, Entry, default_mode_for, describe
-from server.adapters.kinds import load_weights
+from server.adapters.kinds import complete, read_adapter
 from server.errors import (
     AdapterCapacityError,
     AdapterLoadError,
@@ -43,6 +45,7 @@ from server.store import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACQUIRE_TIMEOUT_S = 60.0  # longest a request waits for a resident slot before 503
 SHARED_STALE_S = 3600.0  # shared store: start-up recovery touches only leftovers older than this
@@ -64,6 +67,9 @@ class Registry:
         self._lock = threading.Lock()  # the maps above and `users`; never held across I/O or an await
         self._admin = threading.Lock()  # serialises writes to the store
         self._model_lock = threading.Lock()  # one load at a time touches the base model (LoRA wraps modules)
+        # Runs what reads the base weights' values or places tensors on the device; the app sets it to
+        # Engine.call once the engine exists, so that never overlaps a merge. Until then: in this thread.
+        self.on_engine: Callable[[Callable[[], T]], T] = lambda fn: fn()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future] = []  # admissions waiting for a release (event loop only)
 
@@ -140,7 +146,8 @@ class Registry:
         built = staging / "adapter"
         files = _untrusted(normalise, sel, built)
         with self._model_lock:
-            kind, weights = _untrusted(load_weights, built, self.base)
+            kind, draft = _untrusted(read_adapter, built, self.base)
+        weights = _untrusted(self.on_engine, lambda: complete(draft, self.base))
         need = self._device_bytes(weights.size_bytes)
         if self.max_memory_bytes and need > self.max_memory_bytes:
             raise AdapterFormatError("weights", f"at most {self.max_memory_bytes} bytes on the device "
@@ -294,10 +301,10 @@ class Registry:
         """Worker thread: check the files against the manifest, load, place on the device."""
         self.store.verify(entry.name, entry.manifest)
         with self._model_lock:
-            kind, weights = load_weights(entry.folder, self.base)
+            kind, draft = read_adapter(entry.folder, self.base)
         if kind != entry.kind:
             raise StoreCorruptError(f"store adapter {entry.name}: expected kind {entry.kind}, got {kind}")
-        weights = weights.to(self.base.device, self.base.dtype)
+        weights = self.on_engine(lambda: complete(draft, self.base).to(self.base.device, self.base.dtype))
         return Adapter(entry.name, kind, weights, entry.default_mode, entry.manifest.get("source", ""),
                        entry.created_at)
 

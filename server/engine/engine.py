@@ -1,9 +1,17 @@
 """The engine: one thread owns the model and every device tensor.
 
-Loop: take new requests, let the scheduler pick who joins (switching merged phases
-when the batch is empty), prefill the joiners together, run one decode step for
-every row, emit tokens to each request's asyncio queue, drop finished rows.
-The event loop only submits requests and awaits their events.
+Loop: run the calls other threads handed in (adapter placement, DoRA norms), take new requests,
+let the scheduler pick who joins (switching merged phases when the batch is empty), prefill the
+joiners together, run one decode step for every row, emit tokens to each request's asyncio
+queue, drop finished rows. The event loop only submits requests and awaits their events.
+
+Faults stay with their request. Whatever raises while admitting, prefilling, decoding or
+sampling a row ends that request with a typed error (its row freed, its adapter released) and
+the other rows go on: a prefill group or decode step that raises is retried row by row, so the
+row at fault is found and the others get the tokens they would have got alone. Non-finite
+logits end their row with an error naming the adapter. A merge is a transaction (see
+lora_layer.merge). Only what cannot be pinned to a row fails the rows of that step, never the
+waiting ones.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from server.engine.cache import KVCache
 from server.engine.clock import AdapterClock
 from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.prefill import Prefiller
+from server.engine.records import record_adapter_time, record_finished
 from server.engine.request import (
     DoneEvent,
     Event,
@@ -34,11 +43,14 @@ from server.engine.request import (
 )
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine.scheduler import SHARED, Limits, Scheduler
-from server.errors import HotswapError, QueueFullError, ShuttingDownError
+from server.engine.calls import EngineCalls
+from server.engine.faults import describe, failed, non_finite
+from server.errors import HotswapError, QueueFullError, RequestFailedError, ShuttingDownError
 from server.metrics import Metrics
 from server.model import BaseModel
 
 log = logging.getLogger(__name__)
+ABORT_JOIN_S = 10.0  # after the shutdown timeout: how long the thread gets to end the rows left
 
 
 @dataclass(frozen=True)
@@ -75,8 +87,12 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._abort: ShuttingDownError | None = None  # set past the shutdown timeout: end every request
+        self._joining: list[Request] = []  # admitted this iteration, not yet rows of the batch
         self._merged: MergedState | None = None
         self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
+        self.calls = EngineCalls(self._thread, self._wake)
+        self.call = self.calls.call  # what the registry runs here: base weight reads, device placement
         self.ready = threading.Event()
 
     # ---- event-loop side -------------------------------------------------------------
@@ -85,10 +101,18 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout_s: float) -> None:
-        """Stop taking requests, let the running ones finish (bounded), then end the thread."""
+        """Stop taking requests, let the running ones finish (bounded), then end the thread.
+
+        Requests still running after `timeout_s` end with ShuttingDownError (503)."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._abort = ShuttingDownError(
+                f"the server is shutting down and this request did not finish within --shutdown-timeout-s "
+                f"({timeout_s:g}s); retry it on another replica")
+            self._wake.set()
+            self._thread.join(ABORT_JOIN_S)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -137,21 +161,29 @@ class Engine:
         with torch.inference_mode():
             self.prefiller.warm_up()
             self.ready.set()
-            while not (self._stopping and not self.batch and not self.scheduler and self._inbox.empty()):
+            while not self._done():
                 self._wait_for_work()
                 try:
                     self._iteration()
                 except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
-                    log.exception("engine step failed; failing the rows of this batch")
-                    self._fail_all(exc)
+                    log.exception("engine step failed where no row could be blamed; ending the rows of this step")
+                    self._fail_step(exc)
+            if self._abort is not None:
+                self._end_everything(self._abort)
             self._switch_phase(SHARED)
+            self.calls.run_pending()
+
+    def _done(self) -> bool:
+        idle = not self.batch and not self.scheduler and self._inbox.empty()
+        return self._abort is not None or (self._stopping and idle)
 
     def _wait_for_work(self) -> None:
-        if not self.batch and not self.scheduler and self._inbox.empty():
+        if not self.batch and not self.scheduler and self._inbox.empty() and not self.calls:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
 
     def _iteration(self) -> None:
+        self.calls.run_pending()
         self._intake()
         if not self.batch and self.scheduler:
             self._switch_phase(self.scheduler.next_phase())
@@ -159,7 +191,9 @@ class Engine:
         if joiners:
             with self._lock:
                 self._pending -= len(joiners)
+            self._joining = joiners
             self._prefill(joiners)
+            self._joining = []
         if self.batch:
             self._decode()
         self.metrics.set_queue(len(self.batch), self._pending)
@@ -173,24 +207,35 @@ class Engine:
             self._finish(req, "cancelled", status="cancelled")
 
     def _switch_phase(self, phase: str) -> None:
+        """With an empty batch: restore any merge, merge what `phase` needs, and enter it (a fresh quantum)."""
         if phase == self.scheduler.phase and (phase == SHARED) == (self._merged is None):
+            self.scheduler.enter(phase)  # the same phase again: without a fresh quantum it could never admit
             return
         if self._merged is not None:
             t0 = time.perf_counter()
             self._merged.restore()
             self._merged = None
             self.metrics.restored(time.perf_counter() - t0)
-        if phase != SHARED:
-            adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
-            t0 = time.perf_counter()
-            try:
-                self._merged = merge(self.base.hf, adapter.weights)
-            except HotswapError as exc:
-                self._fail_waiting(phase, exc)
-                phase = SHARED
-            else:
-                self.metrics.merged(time.perf_counter() - t0)
+        if phase != SHARED and not self._merge_for(phase):
+            phase = SHARED
         self.scheduler.enter(phase)
+
+    def _merge_for(self, phase: str) -> bool:
+        """Merge the adapter of a merged phase; on failure end its waiting requests (base left bit-exact)."""
+        adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
+        t0 = time.perf_counter()
+        try:
+            self._merged = merge(self.base.hf, adapter.weights)
+        except HotswapError as exc:
+            self._fail_waiting(phase, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - merge rolled back; only this adapter's requests fail
+            log.exception("merging %s failed; the base weights were restored", adapter.name)
+            self._fail_waiting(phase, RequestFailedError(
+                f"merging adapter {adapter.name!r} failed ({describe(exc)}); the base model was restored unchanged"))
+            return False
+        self.metrics.merged(time.perf_counter() - t0)
+        return True
 
     def _fail_waiting(self, phase: str, exc: Exception) -> None:
         """The phase cannot run (its merge was refused): end its waiting requests with the error."""
@@ -201,33 +246,56 @@ class Engine:
 
     def _prefill(self, joiners: list[Request]) -> None:
         now = time.perf_counter()
+        ready = []
         for req in joiners:
             req.admitted = now
-            req.sampler = Sampler.for_params(req.params, self.base.device)
-        for group, lengths, logits, scores in self.prefiller.run(joiners, row0=len(self.batch)):
-            for req, length, score in zip(group, lengths, scores):
-                self.batch.join(req, length)
-                if score is not None:
-                    req.emit(PromptLogprobsEvent(tuple(score)))
-            live = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]  # 0: scored only, never sampled
-            rows = [group[i] for i in live]
-            logits = logits if len(live) == len(group) else logits[live]
-            tokens, lps = self._pick(logits, rows, scored_rows(rows))
-            for req, token, lp in zip(rows, tokens, lps):
-                self._accept(req, token, lp)
+            try:
+                req.sampler = Sampler.for_params(req.params, self.base.device)
+            except Exception as exc:  # noqa: BLE001 - e.g. a seed torch refuses: this request only
+                self._finish(req, "error", status="error", error=failed("setting up sampling", exc))
+            else:
+                ready.append(req)
+        for group in self.prefiller.groups(ready):
+            self._prefill_group(group)
         self._drop_finished()
 
-    def _pick(self, logits: Tensor, rows: list[Request], scored: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits: [N, V] -> the next token of each row and, for the `scored` rows, its logprob and top-N."""
-        tokens = next_tokens(logits, [r.sampler for r in rows])
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Prefill a group into the next cache rows; if it raises, each row alone, so only the faulty one fails."""
+        try:
+            lengths, logits, scores = self.prefiller.prefill(group, row0=len(self.batch))
+        except Exception as exc:  # noqa: BLE001 - pinned to its row below
+            if len(group) == 1:
+                log.warning("prefill failed for request %d: %s", group[0].id, describe(exc))
+                self._finish(group[0], "error", status="error", error=failed("prefill", exc))
+                return
+            for req in group:
+                self._prefill_group([req])
+            return
+        for req, length, score in zip(group, lengths, scores):
+            self.batch.join(req, length)
+            if score is not None:
+                req.emit(PromptLogprobsEvent(tuple(score)))
+        live = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]  # 0: scored only, never sampled
+        rows = [group[i] for i in live]
+        self._sample(rows, logits if len(live) == len(group) else logits[live], scored_rows(rows))
+
+    def _sample(self, rows: list[Request], logits: Tensor, scored: list[int]) -> None:
+        """logits: [N, V] of `rows` -> each row's next token accepted, or the row marked failed."""
+        picks = next_tokens(logits, [r.sampler for r in rows])
         lps: list[TokenLogprob | None] = [None] * len(rows)
         if scored:
             idx = torch.tensor(scored, device=logits.device)
-            chosen = torch.tensor([tokens[i] for i in scored], device=logits.device)
+            chosen = torch.tensor([picks.tokens[i] for i in scored], device=logits.device)
             n_top = [rows[i].params.logprobs for i in scored]
             for i, lp in zip(scored, token_logprobs(logits[idx], chosen, n_top)):
                 lps[i] = lp
-        return tokens, lps
+        for i in picks.non_finite:
+            rows[i].failure = non_finite(rows[i])
+        for i, exc in picks.errors.items():
+            rows[i].failure = failed("sampling", exc)
+        for i, req in enumerate(rows):
+            if req.failure is None:
+                self._accept(req, picks.tokens[i], lps[i])
 
     def _decode(self) -> None:
         batch = self.batch
@@ -235,25 +303,34 @@ class Engine:
         t0 = time.perf_counter()
         measured = self.clock.begin_step()
         ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
-        logits = self.prefiller.decode_logits(ids, batch, self.clock)
-        tokens, lps = self._pick(logits, batch.rows, batch.scored())
+        try:
+            logits = self.prefiller.decode_logits(ids, batch, self.clock)  # [N, V]
+            good, scored = list(range(len(batch))), batch.scored()
+        except Exception as exc:  # noqa: BLE001 - pinned to its row by decoding each alone
+            log.warning("decode step failed (%s); decoding each row alone", describe(exc))
+            measured = False
+            good, logits = self._decode_alone(ids)
+            scored = scored_rows([batch.rows[i] for i in good])
+        if good:
+            self._sample([batch.rows[i] for i in good], logits, scored)
         self.metrics.step(batch.kinds(), time.perf_counter() - t0, len(batch))
         if measured:
-            self._record_adapter_time(batch.kinds(), self.clock.end_step())
-        for i, (req, token, lp) in enumerate(zip(batch.rows, tokens, lps)):
+            record_adapter_time(self.metrics, batch.kinds(), self.clock.end_step())
+        for i in range(len(batch)):
             batch.lengths[i] += 1
-            self._accept(req, token, lp)
         self._drop_finished()
 
-    def _record_adapter_time(self, kinds: str, seconds: dict[str, float]) -> None:
-        """Per kind in the batch: its measured adapter time (merged LoRA and soft prompts add none per step)."""
-        for label in kinds.split("+"):
-            if label == "lora_unmerged":
-                self.metrics.adapter_layer("lora", "unmerged", seconds.get("lora", 0.0))
-            elif label == "lora_merged":
-                self.metrics.adapter_layer("lora", "merged", 0.0)
-            elif label in ("bottleneck", "prompt"):
-                self.metrics.adapter_layer(label, None, seconds.get(label, 0.0))
+    def _decode_alone(self, ids: Tensor) -> tuple[list[int], Tensor | None]:
+        """ids: [N, 1] -> (rows that decoded, their logits [G, V]); the others are marked failed."""
+        good, outs = [], []
+        for i, req in enumerate(self.batch.rows):
+            try:
+                outs.append(self.prefiller.decode_row(ids[i : i + 1], self.batch, i))  # [1, V]
+            except Exception as exc:  # noqa: BLE001 - this row's fault
+                req.failure = failed("decoding", exc)
+            else:
+                good.append(i)
+        return good, torch.cat(outs) if outs else None
 
     def _accept(self, req: Request, token: int, logprob: TokenLogprob | None) -> None:
         if req.first_token is None:
@@ -264,6 +341,10 @@ class Engine:
     def _drop_finished(self) -> None:
         for i in range(len(self.batch) - 1, -1, -1):
             req = self.batch.rows[i]
+            if req.failure is not None:
+                self.batch.leave(i)
+                self._finish(req, "error", status="error", error=req.failure)
+                continue
             reason = "cancelled" if req.cancelled else self._finish_reason(req)
             if reason:
                 self.batch.leave(i)
@@ -287,24 +368,29 @@ class Engine:
         return any(s in tail for s in req.params.stop)
 
     def _finish(self, req: Request, reason: str, status: str, error: Exception | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
         req.emit(DoneEvent(reason, error))
         self._release(req)
-        self._record(req, status)
+        record_finished(self.metrics, req, status)
 
-    def _record(self, req: Request, status: str) -> None:
-        end = time.perf_counter()
-        queued = (req.admitted or end) - req.arrived
-        ttft = (req.first_token - req.arrived) if req.first_token else None
-        n_out = len(req.output_ids)
-        tpot = (end - req.first_token) / (n_out - 1) if req.first_token and n_out > 1 else None
-        self.metrics.request_finished(
-            req.kind, req.mode, status,
-            duration_s=end - req.arrived, queue_s=queued, ttft_s=ttft, tpot_s=tpot,
-            prompt_tokens=len(req.prompt_ids), completion_tokens=n_out,
-            adapter=req.adapter.name if req.adapter else None,
-        )
-
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_step(self, exc: Exception) -> None:
+        """A fault no row could be blamed for: end the rows of this step (running and joining), not the waiting."""
+        error = failed("the engine step", exc)
+        for req in self._joining:
+            self._finish(req, "error", status="error", error=error)
+        self._joining = []
         while self.batch:
-            req = self.batch.leave(len(self.batch) - 1)
-            self._finish(req, "error", status="error", error=exc)
+            self._finish(self.batch.leave(len(self.batch) - 1), "error", status="error", error=error)
+
+    def _end_everything(self, error: Exception) -> None:
+        """Past the shutdown timeout: every request still here ends with `error`."""
+        while not self._inbox.empty():
+            self.scheduler.add(self._inbox.get_nowait())
+        for req in [*self.batch.rows, *self.scheduler.waiting]:
+            self._finish(req, "error", status="error", error=error)
+        while self.batch:
+            self.batch.leave(len(self.batch) - 1)
+        self.scheduler.waiting.clear()
+

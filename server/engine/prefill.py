@@ -35,14 +35,8 @@ class Prefiller:
         x = self.decoder.embed(torch.zeros((1, 2), dtype=torch.long, device=self.base.device))
         self.decoder.forward(x, StepShape.build(0, [0], 2, self.base.device), self.cache)
 
-    def run(self, joiners: list[Request], row0: int) -> Iterator[tuple[list[Request], list[int], Tensor, list[Scores]]]:
-        """Prefill joiners into cache rows row0.. in order; yield (group, cached lengths, last logits [n, V], prompt scores)."""
-        for group in self._groups(joiners):
-            lengths, logits, scores = self._prefill_group(group, row0)
-            yield group, lengths, logits, scores
-            row0 += len(group)
-
-    def _groups(self, joiners: list[Request]) -> Iterator[list[Request]]:
+    def groups(self, joiners: list[Request]) -> Iterator[list[Request]]:
+        """Joiners in order, cut into groups of at most --max-prefill-tokens padded tokens."""
         group: list[Request] = []
         for req in joiners:
             longest = max([self._new_len(r) for r in group + [req]])
@@ -59,11 +53,16 @@ class Prefiller:
         extra = prompt.n_virtual if prompt and not self.prefix_cache else 0
         return len(req.prompt_ids) + extra
 
-    def _prefill_group(self, group: list[Request], row0: int) -> tuple[list[int], Tensor, list[Scores]]:
-        starts, inputs = zip(*(self._row_input(req, row0 + i) for i, req in enumerate(group)))
+    def prefill(self, group: list[Request], row0: int) -> tuple[list[int], Tensor, list[Scores]]:
+        """Prefill a group into cache rows row0..: (cached lengths, last logits [n, V], prompt scores)."""
+        starts, inputs = zip(*(self._row_input(req) for req in group))
         length = max(x.shape[0] for x in inputs)
         x = torch.stack([_pad(t, length) for t in inputs])  # [N, L, H]
         self.cache.ensure(max(starts) + length)
+        for i, req in enumerate(group):
+            if starts[i]:  # soft prompt with the prefix cache: its virtual tokens' KV go first
+                prefix = self.prefix_of(_prompt_adapter(req))
+                self.cache.load_prefix(row0 + i, prefix.keys, prefix.values)
         shape = StepShape.build(row0, list(starts), length, self.base.device)
         plans = Plans.build(group)
         self.lora_ctx.plan = plans.lora
@@ -87,7 +86,7 @@ class Prefiller:
             scores += token_logprobs(logits, targets[s : s + SCORE_CHUNK], [n_top] * logits.shape[0])
         return scores
 
-    def _row_input(self, req: Request, row: int) -> tuple[int, Tensor]:
+    def _row_input(self, req: Request) -> tuple[int, Tensor]:
         """(cached positions before the new tokens, new input embeddings [L, H]) for one row."""
         ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.base.device)
         x = self.decoder.embed(ids)  # [L, H]
@@ -96,8 +95,6 @@ class Prefiller:
             return 0, x
         if not self.prefix_cache:
             return 0, torch.cat([prompt.embeddings.to(x.dtype), x])  # [n_virtual + L, H]
-        prefix = self.prefix_of(prompt)
-        self.cache.load_prefix(row, prefix.keys, prefix.values)
         return prompt.n_virtual, x
 
     def prefix_of(self, prompt: PromptAdapter) -> PrefixKV:
@@ -125,6 +122,15 @@ class Prefiller:
             hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, residual)  # [N, 1, H]
         finally:
             self.lora_ctx.clock = None
+        return self.decoder.logits(hidden[:, 0])
+
+    def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
+        """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
+        (the fault path: a step that raised is retried row by row to find the row at fault)."""
+        plans = Plans.build([batch.rows[i]])
+        self.lora_ctx.plan = plans.lora
+        shape = StepShape.build(i, [batch.lengths[i]], 1, self.base.device)
+        hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, plans.residual)  # [1, 1, H]
         return self.decoder.logits(hidden[:, 0])
 
 

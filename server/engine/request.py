@@ -56,6 +56,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     sampler: Sampler | None = None
+    failure: Exception | None = None  # set by the engine when this row must end with an error
+    finished: bool = False  # its DoneEvent was sent and its adapter released (exactly once)
 
     @property
     def kind(self) -> str:

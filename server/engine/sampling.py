@@ -40,18 +40,38 @@ class Sampler:
         return Sampler(params, gen)
 
 
-def next_tokens(logits: Tensor, samplers: list[Sampler]) -> list[int]:
-    """logits: [N, V] float32 -> one token id per row."""
-    out = logits.argmax(dim=-1).tolist()  # greedy for every row, overwritten below where sampling
+@dataclass(frozen=True)
+class Picks:
+    """The next token of each row, and the rows that got none (their request must end)."""
+
+    tokens: list[int]  # per row; meaningless for the rows below
+    non_finite: list[int]  # rows whose logits hold NaN or ±inf: nothing sensible to sample
+    errors: dict[int, Exception]  # rows whose sampling raised, and what
+
+
+def next_tokens(logits: Tensor, samplers: list[Sampler]) -> Picks:
+    """logits: [N, V] float32 -> one token id per row; one host sync for the greedy rows."""
+    greedy = logits.argmax(dim=-1)  # [N]
+    finite = torch.isfinite(logits).all(dim=-1)  # [N]
+    tokens, ok = torch.stack([greedy, finite.long()]).tolist()  # greedy for every row, overwritten where sampling
+    non_finite = [i for i, good in enumerate(ok) if not good]
+    errors: dict[int, Exception] = {}
     for i, s in enumerate(samplers):
-        if s.generator is not None:
-            out[i] = _sample_row(logits[i], s.params, s.generator)
-    return out
+        if s.generator is None or not ok[i]:
+            continue
+        try:
+            tokens[i] = _sample_row(logits[i], s.params, s.generator)
+        except RuntimeError as exc:  # a torch op refused this row's values; the other rows go on
+            errors[i] = exc
+    return Picks(tokens, non_finite, errors)
 
 
 def _sample_row(logits: Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    """logits: [V] -> a token drawn after temperature, top-k and top-p filtering."""
-    scaled = logits / p.temperature  # [V]
+    """logits: [V] finite -> a token drawn after temperature, top-k and top-p filtering.
+
+    The max is subtracted before dividing by the temperature, so a tiny temperature (1e-40)
+    tends to greedy instead of overflowing to inf/inf = NaN."""
+    scaled = (logits - logits.max()) / p.temperature  # [V], <= 0, the best token(s) at 0
     if 0 < p.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, p.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
