@@ -22,6 +22,7 @@ class ServerOptions:
     max_batch_size: int = 64
     max_resident_adapters: int = 8
     host: str = "127.0.0.1"
+    repo: Path = REPO_ROOT  # the checkout whose `server` package runs (load_tests.ab compares two)
 
 
 def free_port(host: str) -> int:
@@ -60,7 +61,7 @@ class SpawnedServer:
         port = free_port(self._options.host)
         command = server_command(self._options, Path(self._scratch.name) / "store", port)
         with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(command, cwd=self._options.repo, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://{self._options.host}:{port}"
         return self
 
