@@ -5,6 +5,29 @@ each into `{"error": {"type": ..., "message": ...}}` with the status below.
 """
 from __future__ import annotations
 
+import re
+
+MAX_ECHO_CHARS = 200  # longest value an error message repeats back
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters with a note of its full length (error bodies never echo megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+def clip_text(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """Text (a name, a library's message) cut like `clip`, without quotes."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters in all)"
+
+
+_ABSOLUTE_PATH = re.compile(r"/(?:[^/\s'\"]+/)+(?=[^/\s'\"])")
+
+
+def strip_paths(text: str) -> str:
+    """A library's message with every absolute path cut to its last part: files named as in their folder."""
+    return _ABSOLUTE_PATH.sub("", text)
+
 
 class HotswapError(Exception):
     """Base of every error the server reports to a client."""
@@ -45,7 +68,7 @@ class AdapterNotFoundError(HotswapError):
     type = "adapter_not_found"
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"adapter {name!r} is not registered; GET /adapters lists the registered ones")
+        super().__init__(f"adapter {clip(name)} is not registered; GET /adapters lists the registered ones")
         self.name = name
 
 
@@ -80,7 +103,7 @@ class AdapterFormatError(HotswapError):
     type = "invalid_adapter"
 
     def __init__(self, field: str, expected: str, got: object) -> None:
-        super().__init__(f"{field}: expected {expected}, got {got!r}")
+        super().__init__(f"{clip_text(field)}: expected {clip_text(expected, 4 * MAX_ECHO_CHARS)}, got {clip(got)}")
         self.field = field
 
 
@@ -107,6 +130,15 @@ class AdapterCapacityError(HotswapError):
 
     status = 503
     type = "adapter_capacity"
+
+
+class StoreCorruptError(HotswapError):
+    """A stored adapter's files do not match its manifest, or its manifest does not account for them (500:
+    the server's disk, not the request). It is listed with status `corrupt`, can be deleted or replaced,
+    and is never served."""
+
+    status = 500
+    type = "store_corrupt"
 
 
 class AdapterLoadError(HotswapError):

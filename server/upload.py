@@ -26,7 +26,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from server.errors import InvalidRequestError, PayloadTooLargeError
+from server.adapters.weights import declared_zip_entries
+from server.errors import InvalidRequestError, PayloadTooLargeError, clip
 
 MAX_FILES = 64  # files in one upload, as parts or archive members
 MAX_FIELD_BYTES = 1024
@@ -45,7 +46,7 @@ class Form:
 def check_filename(name: str, what: str) -> str:
     """A plain file name: no folders, no `.`/`..`, no control characters."""
     if not name or name in (".", "..") or len(name) > 255 or any(c in name for c in "/\\\0") or not name.isprintable():
-        raise InvalidRequestError(f"{what}: expected a plain file name, got {name!r}")
+        raise InvalidRequestError(f"{what}: expected a plain file name, got {clip(name)}")
     return name
 
 
@@ -144,7 +145,7 @@ class _Sink:
             self.form.archive = self.staging / "archive"
             self._out = self.form.archive.open("xb")
         else:
-            raise InvalidRequestError(f"form: expected the fields name, default_mode, files or archive, got {name!r}")
+            raise InvalidRequestError(f"form: expected the fields name, default_mode, files or archive, got {clip(name)}")
         if self.form.archive is not None and self.form.folder is not None:
             raise InvalidRequestError("form: expected either files parts or one archive part, got both")
 
@@ -154,7 +155,7 @@ class _Sink:
         try:
             text = filename.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidRequestError(f"files: expected a UTF-8 file name, got {filename!r}") from exc
+            raise InvalidRequestError(f"files: expected a UTF-8 file name, got {clip(filename)}") from exc
         check_filename(text, "files")
         self.form.n_files += 1
         if self.form.n_files > MAX_FILES:
@@ -165,7 +166,7 @@ class _Sink:
         try:
             self._out = (self.form.folder / text).open("xb")
         except FileExistsError as exc:
-            raise InvalidRequestError(f"files: expected each file once, got {text!r} twice") from exc
+            raise InvalidRequestError(f"files: expected each file once, got {clip(text)} twice") from exc
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._out is not None:
@@ -227,19 +228,21 @@ class _Budget:
 def _member_path(name: str) -> PurePosixPath:
     """A safe relative path from an archive member name, or 400."""
     if "\\" in name or "\0" in name:
-        raise InvalidRequestError(f"archive member {name!r}: expected a '/'-separated relative path")
+        raise InvalidRequestError(f"archive member {clip(name)}: expected a '/'-separated relative path")
     path = PurePosixPath(name)
     if path.is_absolute() or (path.parts and ":" in path.parts[0]):
-        raise InvalidRequestError(f"archive member {name!r}: expected a relative path, got an absolute one")
+        raise InvalidRequestError(f"archive member {clip(name)}: expected a relative path, got an absolute one")
     if ".." in path.parts:
-        raise InvalidRequestError(f"archive member {name!r}: expected a path inside the archive, got '..'")
+        raise InvalidRequestError(f"archive member {clip(name)}: expected a path inside the archive, got '..'")
     parts = [p for p in path.parts if p != "."]
     if not parts:
-        raise InvalidRequestError(f"archive member {name!r}: expected a file name")
+        raise InvalidRequestError(f"archive member {clip(name)}: expected a file name")
     return PurePosixPath(*parts)
 
 
 def _unzip(archive: Path, dest: Path, budget: _Budget, members: list) -> None:
+    if declared_zip_entries(archive) > MAX_FILES:  # each parsed entry costs memory: refuse before parsing
+        raise PayloadTooLargeError(f"archive: expected at most {MAX_FILES} members, got more")
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
@@ -250,13 +253,13 @@ def _unzip(archive: Path, dest: Path, budget: _Budget, members: list) -> None:
             path = _member_path(info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                raise InvalidRequestError(f"archive member {info.filename!r}: expected a file, got a symbolic link")
+                raise InvalidRequestError(f"archive member {clip(info.filename)}: expected a file, got a symbolic link")
             if info.is_dir():
                 continue
             if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
-                raise InvalidRequestError(f"archive member {info.filename!r}: expected a regular file")
+                raise InvalidRequestError(f"archive member {clip(info.filename)}: expected a regular file")
             if info.flag_bits & 0x1:
-                raise InvalidRequestError(f"archive member {info.filename!r}: expected no encryption")
+                raise InvalidRequestError(f"archive member {clip(info.filename)}: expected no encryption")
             with zf.open(info) as src:
                 members.append((str(path), _copy(src, dest, len(members), budget)))
 
@@ -272,11 +275,11 @@ def _untar(archive: Path, magic: bytes, dest: Path, budget: _Budget, members: li
                 budget.member()
                 path = _member_path(member.name)
                 if member.issym() or member.islnk():
-                    raise InvalidRequestError(f"archive member {member.name!r}: expected a file, got a link")
+                    raise InvalidRequestError(f"archive member {clip(member.name)}: expected a file, got a link")
                 if member.isdir():
                     continue
                 if not member.isfile():
-                    raise InvalidRequestError(f"archive member {member.name!r}: expected a regular file or folder")
+                    raise InvalidRequestError(f"archive member {clip(member.name)}: expected a regular file or folder")
                 src = tf.extractfile(member)
                 members.append((str(path), _copy(src, dest, len(members), budget)))
     finally:
@@ -323,7 +326,7 @@ def _flatten(dest: Path, members: list[tuple[str, Path]]) -> None:
         names = [p.parts[1] for p in paths]
     else:
         raise InvalidRequestError("archive: expected the files at its root or inside one top folder, got "
-                                  f"{sorted(str(p) for p in paths)[:5]}")
+                                  f"{clip(sorted(str(p) for p in paths)[:5])}")
     if len(set(names)) != len(names):
         raise InvalidRequestError("archive: expected each file once, got duplicates")
     for name, (_, tmp) in zip(names, members):

@@ -14,7 +14,6 @@ Pickles are read only with `torch.load(weights_only=True)`; nothing in them is e
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from server.adapters.weights import read_pickle, read_safetensors, require_finite
+from server.adapters.weights import read_json, read_pickle, read_safetensors, require_finite
 from server.errors import AdapterFormatError
 
 HUB_CONFIG = "adapter_config.json"
@@ -226,7 +225,7 @@ def read_adapter_folder(folder: Path) -> AdapterFiles:
     """Read an AdapterHub or a native bottleneck folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdapterFormatError("path", "a folder holding the adapter's files", str(folder))
+        raise AdapterFormatError("path", "a folder holding the adapter's files", folder.name)
     native, hub = folder / NATIVE_CONFIG, folder / HUB_CONFIG
     if native.is_file() and hub.is_file():
         raise AdapterFormatError("files", f"one of {NATIVE_CONFIG} or {HUB_CONFIG}", "both")
@@ -239,10 +238,7 @@ def read_adapter_folder(folder: Path) -> AdapterFiles:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFormatError(path.name, "a JSON object", f"unreadable JSON ({err})") from err
+    data = read_json(path)
     if not isinstance(data, dict):
         raise AdapterFormatError(path.name, "a JSON object", type(data).__name__)
     return data

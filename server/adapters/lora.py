@@ -12,8 +12,8 @@ lora_layer.py and is re-exported here.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from server.adapters.lora_layer import (
     named_layers,
     pristine,
 )
+from server.adapters.patterns import Matcher, check_pattern, listed
 from server.adapters.weights import read_config, read_weights
 from server.errors import AdapterFormatError
 
@@ -84,6 +85,7 @@ class LoraSpec:
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    matcher: Matcher = field(default_factory=Matcher, compare=False, repr=False)  # this config's regex budget
 
     def selects(self, name: str, module: nn.Module, output_layer: nn.Module | None) -> bool:
         """PEFT's check_target_module_exists (with "all-linear" expanded as PEFT does)."""
@@ -92,31 +94,42 @@ class LoraSpec:
         if self.target_modules == "all-linear":
             return isinstance(module, LINEAR_TYPES) and module is not output_layer
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, name) is not None
-        if name in self.target_modules:
+            return self.matcher.match("target_modules", self.target_modules, name, full=True) is not None
+        if name in self._target_set:
             return True
-        return any(name.endswith(f".{t}") for t in self.target_modules) and self._in_layers(name)
+        return listed(name, self._target_set) and self._in_layers(name)
 
     def _excluded(self, name: str) -> bool:
         if isinstance(self.exclude_modules, str):
-            return re.fullmatch(self.exclude_modules, name) is not None
-        return name in self.exclude_modules or any(name.endswith(f".{e}") for e in self.exclude_modules)
+            return self.matcher.match("exclude_modules", self.exclude_modules, name, full=True) is not None
+        return listed(name, self._exclude_set)
+
+    @cached_property
+    def _target_set(self) -> frozenset[str]:
+        return frozenset(self.target_modules)
+
+    @cached_property
+    def _exclude_set(self) -> frozenset[str]:
+        return frozenset(self.exclude_modules)
+
+    @cached_property
+    def _layer_set(self) -> frozenset[int]:
+        return frozenset(self.layers_to_transform)
 
     def _in_layers(self, name: str) -> bool:
         if not self.layers_to_transform:
             return True
         patterns = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in self.layers_pattern] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-        match = next((m for p in patterns if (m := re.match(p, name))), None)
-        return match is not None and int(match["idx"]) in self.layers_to_transform
+        match = next((m for p in patterns if (m := self.matcher.match("layers_pattern", p, name))), None)
+        return match is not None and int(match["idx"]) in self._layer_set
 
     def rank_and_scale(self, name: str) -> tuple[int, float]:
-        r = _pattern_value(self.rank_pattern, name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        r = self._pattern_value("rank_pattern", self.rank_pattern, name, self.r)
+        alpha = self._pattern_value("alpha_pattern", self.alpha_pattern, name, self.lora_alpha)
         return r, (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
 
-
-def _pattern_value(patterns: dict, name: str, default):
-    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+    def _pattern_value(self, key: str, patterns: dict, name: str, default):
+        return next((v for k, v in patterns.items() if self.matcher.match(key, rf"(.*\.)?({k})$", name)), default)
 
 
 # ---------------------------------------------------------------- config
@@ -190,24 +203,16 @@ def _number(key: str, value) -> float:
     return value
 
 
-def _regex(key: str, pattern: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise AdapterFormatError(key, f"a valid regular expression ({e})", pattern) from e
-    return pattern
-
-
 def _strings(key: str, value) -> tuple[str, ...]:
     values = [value] if isinstance(value, str) else value or []
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise AdapterFormatError(key, "a string or a list of strings", value)
-    return tuple(_regex(key, v) for v in values if v)
+    return tuple(check_pattern(key, v) for v in values if v)
 
 
 def _names_or_regex(key: str, value) -> tuple[str, ...] | str:
     if isinstance(value, str):
-        return _regex(key, value)
+        return check_pattern(key, value)
     if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         return tuple(value or ())
     raise AdapterFormatError(key, "a regex string or a list of module names", value)
@@ -231,7 +236,7 @@ def _layers(value) -> tuple[int, ...]:
 def _patterns(key: str, value, check) -> dict:
     if not isinstance(value or {}, dict):
         raise AdapterFormatError(key, "an object of module-name patterns", value)
-    return {_regex(key, k): check(f"{key}[{k!r}]", v) for k, v in (value or {}).items()}
+    return {check_pattern(key, k): check(f"{key}[{k!r}]", v) for k, v in (value or {}).items()}
 
 
 # ---------------------------------------------------------------- weights
