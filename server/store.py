@@ -17,6 +17,7 @@ its adapter (`Registry.sync`), and start-up recovery leaves young temp folders t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -38,8 +39,10 @@ from server.errors import (
     AdapterExistsError,
     AdapterFormatError,
     AdapterNotFoundError,
-    HotswapError,
     InvalidRequestError,
+    PayloadTooLargeError,
+    StoreCorruptError,
+    clip,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ MANIFEST_VERSION = 1
 TMP, OLD, DEL = ".tmp-", ".old-", ".del-"
 PEFT_CONFIG, PEFT_SAFETENSORS, PEFT_PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 CHUNK = 1 << 20
+MAX_FOLDER_FILES = 64  # files in an adapter folder read from disk (uploads: server/upload.py's MAX_FILES)
+KINDS = ("lora", "prompt", "bottleneck")
+CORRUPT = "corrupt"  # a manifest's `status` when the store holds a name it cannot serve (see `Store.manifest`)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_name(name: object) -> str:
@@ -103,7 +110,7 @@ def select(raw: Path) -> Selection:
     if weights is None:
         raise AdapterFormatError("weights", f"{' or '.join(names)} next to {config}", "no such file")
     kept = {config, weights.name}
-    ignored = tuple(sorted(p.name for p in raw.iterdir() if p.name not in kept))
+    ignored = tuple(sorted(p.name for p in _listdir(raw, "adapter folder") if p.name not in kept))
     return Selection(kind, family, raw / config, weights, names[0], ignored)
 
 
@@ -176,23 +183,27 @@ class Store:
         fsync_dir(self.root)
 
     def manifests(self) -> list[dict]:
-        """Every stored adapter's manifest; folders without a readable one are skipped (logged)."""
+        """Every stored adapter's manifest (corrupt ones as stubs, see `manifest`); other folders are skipped."""
         return [m for path in sorted(self.root.iterdir()) if (m := self.manifest(path.name)) is not None]
 
     def manifest(self, name: str) -> dict | None:
-        """One adapter's manifest, or None when it is not stored (or unreadable: logged)."""
+        """One adapter's manifest, or None when no adapter folder has that name.
+
+        A manifest must list every file of its folder with its size and sha256, and those files must
+        be there with those sizes; else the name gets a stub `{"name", "status": "corrupt", "reason",
+        "kind", "created_at"}`: listed, deletable, replaceable, never served.
+        """
         path = self.root / name
         if not NAME_RE.fullmatch(name) or not path.is_dir():
             return None
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            log.warning("store: skipping %s (no readable %s: %s)", name, MANIFEST, exc)
-            return None
-        if not isinstance(manifest, dict) or manifest.get("name") != name:
-            log.warning("store: skipping %s (its manifest names another adapter)", name)
-            return None
-        return manifest
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return _corrupt(path, f"no readable {MANIFEST} ({type(exc).__name__})", {})
+        if not isinstance(manifest, dict):
+            return _corrupt(path, f"{MANIFEST} is not a JSON object", {})
+        problem = _manifest_problem(name, manifest) or files_problem(path, manifest["files"])
+        return manifest if problem is None else _corrupt(path, problem, manifest)
 
     # -- writes --
 
@@ -247,19 +258,87 @@ class Store:
         shutil.rmtree(aside, ignore_errors=True)
 
     def verify(self, name: str, manifest: dict) -> None:
-        """Check every file against the manifest's sha256 (before loading it onto the device)."""
+        """Check the folder against the manifest: every file listed, none missing, each sha256 (before loading)."""
         folder = self.folder(name)
-        for file, meta in manifest.get("files", {}).items():
-            got = sha256_file(folder / file)
-            if got != meta.get("sha256"):
-                raise StoreCorruptError(f"store file {name}/{file}: expected sha256 {meta.get('sha256')}, got {got}")
+        problem = _manifest_problem(name, manifest)
+        if problem is not None:
+            raise StoreCorruptError(f"store adapter {name}: {problem}")
+        for file, meta in manifest["files"].items():
+            try:
+                got = sha256_file(folder / file)
+            except FileNotFoundError as exc:
+                raise StoreCorruptError(f"store file {name}/{file}: expected it, got no such file") from exc
+            if got != meta["sha256"]:
+                raise StoreCorruptError(f"store file {name}/{file}: expected sha256 {meta['sha256']}, got {got}")
+        problem = files_problem(folder, manifest["files"])  # the listed files are right: any others?
+        if problem is not None:
+            raise StoreCorruptError(f"store adapter {name}: {problem}")
 
 
-class StoreCorruptError(HotswapError):
-    """A stored file no longer matches its manifest (500: the server's disk, not the request)."""
+# ---------------------------------------------------------------- manifest checks
 
-    status = 500
-    type = "store_corrupt"
+# What Entry.record() and the registry read from a manifest, and their types.
+_REQUIRED = {"kind": str, "files": dict, "size_bytes": int, "created_at": (int, float), "default_mode": str,
+             "source_format": str}
+
+
+def _manifest_problem(name: str, manifest: dict) -> str | None:
+    """Why `manifest` cannot describe adapter `name`, or None."""
+    if manifest.get("name") != name:
+        return f"{MANIFEST} names adapter {clip(manifest.get('name'))}"
+    for key, types in _REQUIRED.items():
+        if not isinstance(manifest.get(key), types) or isinstance(manifest.get(key), bool):
+            return f"{MANIFEST}: expected {key}, got {clip(manifest.get(key))}"
+    if manifest["kind"] not in KINDS:
+        return f"{MANIFEST}: expected kind {' | '.join(KINDS)}, got {clip(manifest['kind'])}"
+    files = manifest["files"]
+    for file, meta in files.items():
+        if not _plain(file) or not _file_meta(meta):
+            return f"{MANIFEST}: expected each file as {{name: {{size, sha256}}}}, got {clip(file)}: {clip(meta)}"
+    if not any(f.endswith(".json") for f in files) or not any(f.endswith(".safetensors") for f in files):
+        return (f"{MANIFEST}: expected a config (.json) and weights (.safetensors) among the files, "
+                f"got {clip(sorted(files))}")
+    return None
+
+
+def files_problem(folder: Path, files: dict) -> str | None:
+    """Whether the folder holds exactly the listed files at their listed sizes (cheap: no hashing)."""
+    try:
+        present = {p.name: p for p in _listdir(folder, "store folder") if p.name not in (MANIFEST, MANIFEST + ".tmp")}
+    except (OSError, PayloadTooLargeError) as exc:
+        return f"its folder cannot be listed ({type(exc).__name__})"
+    unlisted = sorted(set(present) - set(files))
+    if unlisted:
+        return f"{clip(unlisted[0])} is not in {MANIFEST}"
+    for file, meta in files.items():
+        if file not in present:
+            return f"{file} is missing"
+        size = _file_size(present[file])
+        if size != meta["size"]:
+            return f"{file} has {size} bytes, {MANIFEST} says {meta['size']}"
+    return None
+
+
+def _corrupt(folder: Path, reason: str, manifest: dict) -> dict:
+    """The stub standing for a corrupt adapter: its kind if known, its creation time (else the folder's)."""
+    log.warning("store: adapter %s is corrupt: %s", folder.name, reason)
+    kind, created = manifest.get("kind"), manifest.get("created_at")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        created = _mtime(folder)
+    return {"name": folder.name, "status": CORRUPT, "reason": reason, "kind": kind if kind in KINDS else None,
+            "created_at": created}
+
+
+def _plain(file: str) -> bool:
+    """A file name inside the folder: a manifest never points elsewhere."""
+    return bool(file) and file not in (".", "..", MANIFEST) and not any(c in file for c in "/\\\0")
+
+
+def _file_meta(meta: object) -> bool:
+    size = meta.get("size") if isinstance(meta, dict) else None
+    digest = meta.get("sha256") if isinstance(meta, dict) else None
+    return (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            and isinstance(digest, str) and _SHA256.fullmatch(digest) is not None)
 
 
 def new_manifest(name: str, sel: Selection, files: dict[str, dict], details: dict, **extra) -> dict:
@@ -280,6 +359,21 @@ def new_manifest(name: str, sel: Selection, files: dict[str, dict], details: dic
 
 
 # ---------------------------------------------------------------- file helpers
+
+
+def _listdir(folder: Path, what: str) -> list[Path]:
+    """A folder's entries, at most MAX_FOLDER_FILES of them (413 beyond: each costs memory and a manifest line)."""
+    entries = list(itertools.islice(folder.iterdir(), MAX_FOLDER_FILES + 1))
+    if len(entries) > MAX_FOLDER_FILES:
+        raise PayloadTooLargeError(f"{what}: expected at most {MAX_FOLDER_FILES} files, got more")
+    return entries
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _mtime(path: Path) -> float:

@@ -11,6 +11,7 @@ from server.adapters.kinds import Kind, Weights
 from server.adapters.lora import LoraAdapter
 from server.adapters.prompt import PromptAdapter
 from server.errors import InvalidRequestError
+from server.store import CORRUPT, files_problem
 
 MODES = ("merged", "unmerged")
 
@@ -60,20 +61,32 @@ class Entry:
     adapter: Adapter | None = None  # guarded by the registry's lock
     loading: asyncio.Task | None = None  # the one load in flight (event loop only)
     waiting: int = 0  # acquirers waiting for that load: not evictable meanwhile
+    problem: str | None = None  # why a load found the files corrupt (then never served)
 
     name = property(lambda self: self.manifest["name"])
-    kind = property(lambda self: self.manifest["kind"])
-    default_mode = property(lambda self: self.manifest["default_mode"])
-    created_at = property(lambda self: self.manifest["created_at"])
+    kind = property(lambda self: self.manifest.get("kind"))  # None: a corrupt manifest without a known kind
+    default_mode = property(lambda self: self.manifest.get("default_mode"))
+    created_at = property(lambda self: self.manifest.get("created_at"))
+
+    def unservable(self) -> str | None:
+        """Why this adapter is corrupt as far as is known without reading the disk, or None."""
+        return self.manifest["reason"] if self.manifest.get("status") == CORRUPT else self.problem
+
+    def corruption(self) -> str | None:
+        """Why this adapter is corrupt: its manifest, a failed load, or files missing or changed in size."""
+        return self.unservable() or files_problem(self.folder, self.manifest["files"])
 
     def record(self) -> dict:
+        """What the API shows; `status` "ok", or "corrupt" with a `reason` (reads the folder's listing)."""
         m, adapter = self.manifest, self.adapter
+        reason = self.corruption()
         return {
             "name": self.name, "kind": self.kind, "default_mode": self.default_mode,
+            "status": "ok" if reason is None else CORRUPT, **({} if reason is None else {"reason": reason}),
             "resident": adapter is not None, "pinned": self.pinned, "in_use": adapter.users if adapter else 0,
-            "size_bytes": m["size_bytes"], "memory_bytes": adapter.size_bytes if adapter else 0,
-            "created_at": self.created_at, "source": m.get("source", ""), "source_format": m["source_format"],
-            "details": m.get("details", {}), "files": m["files"], "ignored_files": m.get("ignored_files", []),
+            "size_bytes": m.get("size_bytes", 0), "memory_bytes": adapter.size_bytes if adapter else 0,
+            "created_at": self.created_at, "source": m.get("source", ""), "source_format": m.get("source_format"),
+            "details": m.get("details", {}), "files": m.get("files", {}), "ignored_files": m.get("ignored_files", []),
         }
 
 

@@ -32,6 +32,7 @@ from server.errors import (
     AdapterNotFoundError,
     HotswapError,
     InvalidRequestError,
+    strip_paths,
 )
 from server.metrics import ADAPTER_KINDS, Metrics
 from server.model import BaseModel
@@ -78,9 +79,8 @@ class Registry:
     def open(self) -> None:
         """Recover the store from any interrupted write and register what it holds (manifests only)."""
         self.store.recover(SHARED_STALE_S if self.shared else 0.0)
-        for manifest in self.store.manifests():
-            if _known_kind(manifest):
-                self._entries[manifest["name"]] = self._entry(manifest)
+        for manifest in self.store.manifests():  # corrupt ones too: listed, deletable, replaceable, never served
+            self._entries[manifest["name"]] = self._entry(manifest)
         self._publish()
 
     def sync(self, name: str | None = None) -> None:
@@ -104,13 +104,11 @@ class Registry:
     def _sync_one(self, name: str, manifest: dict | None) -> bool:
         """Under both locks: make `name`'s entry match the stored manifest; True if it changed."""
         entry = self._entries.get(name)
-        if manifest is not None and not _known_kind(manifest):
-            manifest = None
         if manifest is None:
             if entry is not None:
                 self._unseat(self._entries.pop(name))
             return entry is not None
-        if entry is not None and entry.created_at == manifest["created_at"]:
+        if entry is not None and _same_version(entry.manifest, manifest):
             entry.manifest["pinned"] = entry.pinned = bool(manifest.get("pinned"))
             return False
         if entry is not None:
@@ -239,18 +237,24 @@ class Registry:
                 entry = self.get(name)
                 if entry.adapter is not None:
                     return self._take(entry)
+                if (reason := entry.unservable()) is not None:
+                    raise _corrupt_error(name, reason)
                 if entry.loading is None:
                     entry.loading = self._loop.create_task(self._load(entry, deadline))
                 task = entry.loading
                 entry.waiting += 1
             try:
                 await asyncio.shield(task)
-            except HotswapError:
+            except HotswapError as exc:
                 with self._lock:
                     entry.waiting -= 1
-                if self._entries.get(name) is entry:
-                    raise
-                continue  # deleted or replaced while loading: look again
+                await asyncio.to_thread(self._settle, name)  # a delete or replace that broke the load: let it land
+                if self._entries.get(name) is not entry:
+                    continue  # deleted or replaced while loading: look again (404, or the new version)
+                if isinstance(exc, StoreCorruptError):
+                    entry.problem = exc.message  # listed as corrupt from now on
+                    raise _corrupt_error(name, exc.message) from exc
+                raise
             except asyncio.CancelledError:
                 with self._lock:
                     entry.waiting -= 1
@@ -291,7 +295,7 @@ class Registry:
                 raise
             except Exception as exc:
                 raise AdapterLoadError(f"adapter {entry.name!r}: reading it from the store failed: "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                                       f"{type(exc).__name__}: {strip_paths(str(exc))}") from exc
             self.metrics.adapter_loaded(entry.kind, time.perf_counter() - t0)
             await self._admit(entry, adapter, deadline)
         finally:
@@ -389,6 +393,14 @@ class Registry:
             except RuntimeError:  # the loop closed meanwhile (shutdown)
                 pass
 
+    def _settle(self, name: str) -> None:
+        """Worker thread: wait for a store write in progress (it holds `_admin`); shared: read `name` again."""
+        if self.shared:
+            self.sync(name)
+            return
+        with self._admin:
+            pass
+
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -413,11 +425,13 @@ class Registry:
         self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live))
 
 
-def _known_kind(manifest: dict) -> bool:
-    if manifest.get("kind") in ADAPTER_KINDS:
-        return True
-    log.warning("store: skipping %s (unknown kind %r)", manifest["name"], manifest.get("kind"))
-    return False
+def _same_version(held: dict, stored: dict) -> bool:
+    return held.get("created_at") == stored.get("created_at") and held.get("status") == stored.get("status")
+
+
+def _corrupt_error(name: str, reason: str) -> StoreCorruptError:
+    return StoreCorruptError(f"adapter {name!r} is corrupt in the store ({reason}); it is not served: delete it, "
+                             "or upload it again with replace=true")
 
 
 def _untrusted(fn, *args):
@@ -428,4 +442,5 @@ def _untrusted(fn, *args):
         raise
     except Exception as exc:
         log.warning("adapter files refused: %s: %s", type(exc).__name__, exc, exc_info=True)
-        raise AdapterFormatError("files", "adapter files these loaders can read", f"{type(exc).__name__}: {exc}") from exc
+        raise AdapterFormatError("files", "adapter files these loaders can read",
+                                 f"{type(exc).__name__}: {strip_paths(str(exc))}") from exc

@@ -79,13 +79,19 @@ def test_recover_crash_points(tmp_path):
     assert not (tmp_path / "both" / "manifest.json.tmp").exists()
 
 
-def test_manifests_skip_foreign_folders(tmp_path):
+def test_manifests_list_broken_folders_as_corrupt(tmp_path):
+    """A folder named like an adapter is never hidden: without a sound manifest it is listed as corrupt."""
     store = Store(tmp_path)
     store.commit(_built(store, "good", "v"), "good", replace=False)
     (tmp_path / "no-manifest").mkdir()
     (tmp_path / "renamed").mkdir()
     (tmp_path / "renamed" / "manifest.json").write_text(json.dumps({"name": "other"}))
-    assert [m["name"] for m in store.manifests()] == ["good"]
+    (tmp_path / "not a name").mkdir()
+    got = {m["name"]: m for m in store.manifests()}
+    assert list(got) == ["good", "no-manifest", "renamed"]
+    assert [got[n]["status"] for n in ("no-manifest", "renamed")] == ["corrupt", "corrupt"]
+    assert "no readable manifest.json" in got["no-manifest"]["reason"]
+    assert "names adapter 'other'" in got["renamed"]["reason"]
 
 
 @pytest.mark.parametrize("src", [LORA, PROMPT, BN_BIN], ids=["lora", "prompt", "bottleneck-bin"])
