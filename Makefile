@@ -72,6 +72,7 @@ $(STAMPS)/runtime: pyproject.toml Makefile $(STAMPS)/torch
 
 $(STAMPS)/dev: pyproject.toml Makefile $(STAMPS)/torch
 	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps 'lorax-client==0.6.3'  # its pins conflict with transformers 5 (pyproject.toml)
 	@touch $@
 
 $(STAMPS)/bench: pyproject.toml Makefile $(STAMPS)/torch

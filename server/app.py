@@ -21,10 +21,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from server.adapters.registry import Registry
-from server.api import adapters, generate, health, openai
+from server.api import adapters, generate, health, lorax, openai, tokenize
+from server.api.error_shapes import error_response
 from server.api.generation import Generation
 from server.config import Settings
 from server.engine.engine import Engine, EngineSettings
+from server.gateway import gateway_state
 from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
@@ -38,8 +40,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="hotswap", lifespan=_lifespan)
     app.state.settings = settings
     app.state.draining = False
-    for module in (generate, openai, adapters, health):
+    for module in (generate, openai, tokenize, lorax, adapters, health):
         app.include_router(module.router)
+    app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
     _install_error_handlers(app)
     return app
 
@@ -65,6 +68,7 @@ async def _lifespan(app: FastAPI):
     registry.on_engine = engine.call  # base weight reads and device placement: between engine steps
     app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
     app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
+    metrics.watch_gateway(lambda: gateway_state(engine, registry))  # vllm:* series for the Gateway API
     app.state.started_at = time.time()
     await registry.preload_pinned()
     await asyncio.to_thread(engine.ready.wait)
@@ -126,23 +130,19 @@ def _adapter_flags(values: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def _error(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
-        return _error(exc.status, exc.type, exc.message, headers)
+        return error_response(request.url.path, exc.status, exc.type, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, InvalidRequestError.type, _describe(exc))
+        return error_response(request.url.path, 400, InvalidRequestError.type, _describe(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, "http_error", str(exc.detail))
+        return error_response(request.url.path, exc.status_code, "http_error", str(exc.detail))
 
 
 def _describe(exc: RequestValidationError) -> str:

@@ -13,13 +13,27 @@ Labels are bounded sets:
 - `batch_kinds`: the sorted, '+'-joined set of row kinds in one decode step, e.g.
   `base+bottleneck+lora_unmerged+prompt` (see `batch_kinds_label`)
 - `adapter`: only when opted in with `per_adapter_limit`, capped, the rest under `__other__`
+
+Beside them, the series the Kubernetes Gateway API Inference Extension (and llm-d) route by, with
+vLLM's names and meaning (docs/proposals/003-model-server-protocol), read from the engine and the
+registry at each scrape (`watch_gateway`):
+- `vllm:num_requests_waiting`, `vllm:num_requests_running`: gauges, requests queued / in the batch;
+- `vllm:kv_cache_usage_perc`: gauge, 0..1 (1 = full, as vLLM): the KV positions the running rows
+  reserve (prompt + max_new_tokens each) over `--max-batch-tokens`, what admission is bounded by;
+- `vllm:lora_requests_info`: gauge whose value is the time of the scrape (as vLLM's, so the newest
+  sample wins), labels `running_lora_adapters` (comma-separated: adapters resident on the device,
+  ready to serve, the protocol's definition, and those of running rows), `waiting_lora_adapters`
+  (adapters of queued requests), `max_lora` (resident slots, `--max-resident-adapters`).
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 KINDS = ("base", "lora", "prompt", "bottleneck")
@@ -279,6 +293,12 @@ class Metrics:
             raise ValueError(f"metrics: adapter kind must be one of {ADAPTER_KINDS}, got {kind!r}")
         return kind
 
+    # -- gateway (vLLM names) ------------------------------------------------------------------
+
+    def watch_gateway(self, state: Callable[[], "GatewayState"]) -> None:
+        """Export the Gateway API Inference Extension's series, from `state()` at each scrape."""
+        self.registry.register(_GatewayCollector(state))
+
     # -- exposition --------------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
@@ -291,3 +311,40 @@ class Metrics:
         for family in self.registry.collect():
             names.add(f"{family.name}_total" if family.type == "counter" else family.name)
         return names
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """What the gateway's endpoint picker reads of one replica, at one moment."""
+
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1
+    running_adapters: tuple[str, ...]
+    waiting_adapters: tuple[str, ...]
+    max_lora: int
+
+
+class _GatewayCollector:
+    def __init__(self, state: Callable[[], GatewayState]) -> None:
+        self.state = state
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(None))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(self.state()))
+
+    @staticmethod
+    def _families(s: GatewayState | None) -> list[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting to be processed.")
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.")
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent usage.")
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests; the value is the "
+                                 "time of this sample.", labels=("running_lora_adapters", "waiting_lora_adapters", "max_lora"))
+        if s is not None:
+            waiting.add_metric((), s.waiting)
+            running.add_metric((), s.running)
+            kv.add_metric((), min(1.0, s.kv_usage))
+            lora.add_metric((",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_lora)), time.time())
+        return [waiting, running, kv, lora]

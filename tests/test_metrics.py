@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -242,3 +243,34 @@ def test_render_passes_promtool():
     proc = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+# The Gateway API Inference Extension's model-server protocol (docs/proposals/003-model-server-protocol),
+# with vLLM's names: every series a gauge, lora_requests_info with exactly these labels.
+GATEWAY_PROTOCOL = {
+    "vllm:num_requests_waiting": (),
+    "vllm:num_requests_running": (),
+    "vllm:kv_cache_usage_perc": (),
+    "vllm:lora_requests_info": ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
+}
+
+
+def test_gateway_series_follow_the_protocol():
+    from server.metrics import GatewayState
+
+    m = Metrics()
+    m.watch_gateway(lambda: GatewayState(running=3, waiting=2, kv_usage=1.5, running_adapters=("a", "b"),
+                                         waiting_adapters=("c",), max_lora=8))
+    before = time.time()
+    body, _ = m.render()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode()) if f.name.startswith("vllm:")}
+    assert set(families) == set(GATEWAY_PROTOCOL)
+    for name, labels in GATEWAY_PROTOCOL.items():
+        (sample,) = families[name].samples
+        assert families[name].type == "gauge" and tuple(sorted(sample.labels)) == labels
+    value = {name: f.samples[0].value for name, f in families.items()}
+    assert value["vllm:num_requests_running"] == 3 and value["vllm:num_requests_waiting"] == 2
+    assert value["vllm:kv_cache_usage_perc"] == 1.0  # a fraction, capped at full
+    info = families["vllm:lora_requests_info"].samples[0]
+    assert info.labels == {"running_lora_adapters": "a,b", "waiting_lora_adapters": "c", "max_lora": "8"}
+    assert before - 1 <= info.value <= time.time() + 1  # the value is the sample's timestamp

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from server.adapters.lora import check_mergeable
 from server.adapters.adapter import Adapter
+from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
 from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
 from server.engine.sampling import SamplingParams
@@ -58,31 +59,33 @@ class Generation:
             raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
         return ids
 
-    async def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None) -> Job:
-        """Check limits and acquire the adapter; the caller must `finish(job)` when done."""
+    async def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None,
+                  limit_name: str = "max_new_tokens") -> Job:
+        """Check limits and acquire the adapter; the caller must `finish(job)` when done.
+        `limit_name` is the API's name for max_new_tokens in error messages (OpenAI: max_tokens)."""
         if params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidRequestError(
-                f"max_new_tokens: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
+                f"{limit_name}: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
             )
         adapter = await self.registry.acquire(adapter_name) if adapter_name else None
         try:
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
             if resolved == "merged":
                 check_mergeable(self.base.hf, adapter.weights)
-            self._check_context(ids, params, adapter)
+            self._check_context(ids, params, adapter, limit_name)
         except HotswapError:
             if adapter:
                 self.registry.release(adapter)
             raise
         return Job(ids, params, adapter, resolved)
 
-    def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | None) -> None:
+    def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | None, limit_name: str) -> None:
         n_virtual = adapter.n_virtual if adapter else 0
         total = n_virtual + len(ids) + params.max_new_tokens
         limit = self.base.geometry.max_len
         if total > limit:
             raise InvalidRequestError(
-                f"prompt + max_new_tokens: expected at most {limit} tokens (the model's context"
+                f"prompt + {limit_name}: expected at most {limit} tokens (the model's context"
                 f"{f', incl. {n_virtual} virtual tokens' if n_virtual else ''}), got {total}"
             )
 
@@ -111,16 +114,14 @@ class Generation:
             _collect(out, event)
             if isinstance(event, PromptLogprobsEvent):
                 continue
-            text = self.text(out.token_ids, job.params)
+            text = streamable(self.base.tokenizer.decode(out.token_ids, skip_special_tokens=True), job.params.stop)
             delta, sent = _delta(text, sent)
             yield event.token_id, delta, out
         out.text = self.text(out.token_ids, job.params)
         yield None, out.text[len(sent):], out
 
     def text(self, ids: list[int], params: SamplingParams) -> str:
-        text = self.base.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
+        return cut_at_stop(self.base.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
 
     @staticmethod
     def _reason(event: DoneEvent) -> str:

@@ -1,123 +1,101 @@
-"""OpenAI-compatible endpoints: `model` is an adapter name or the base model's name."""
+"""OpenAI-compatible endpoints: `model` is an adapter name or the base model's name.
+
+Without a chat template (chat_prompt.py), the reply is the generated text without its leading
+whitespace. Chat without `max_tokens` may
+generate to the end of the context (as vLLM), at most --max-new-tokens-limit tokens; completions
+default to 16 (OpenAI's default). Scores (`logprobs`, `echo`) are not streamed.
+"""
 from __future__ import annotations
 
-import json
-import time
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
+from server.api import openai_format as fmt
+from server.api.chat_prompt import chat_prompt_ids
+from server.api.choices import Choice, open_choices, run_choices, stream_choices
 from server.api.deps import require_api_key, synced_store
-from server.api.generation import Generation, Job, Outcome
-from server.api.logprobs import legacy_logprobs
-from server.api.schemas import ChatBody, ChatMessage, CompletionBody
+from server.api.generation import Generation, Outcome
+from server.api.logprobs import chat_logprobs, legacy_logprobs
+from server.api.models import adapter_of, card, default_max_tokens, entry_of
+from server.api.openai_schemas import ChatRequest, CompletionRequest
+from server.api.sse import EventStream, stream_response
 from server.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
+
 @router.get("/models", dependencies=[Depends(synced_store)])
 async def models(request: Request) -> dict:
-    base = request.app.state.base
-    created = int(request.app.state.started_at)
-    data = [{"id": base.name, "object": "model", "created": created, "owned_by": "hotswap", "parent": None}]
-    for a in request.app.state.registry.all():
-        data.append({"id": a.name, "object": "model", "created": int(a.created_at), "owned_by": "hotswap",
-                     "parent": base.name, "kind": a.kind})
-    return {"object": "list", "data": data}
+    app = request.app
+    return {"object": "list", "data": [card(app, None), *(card(app, e) for e in app.state.registry.all())]}
+
+
+@router.get("/models/{model_id:path}", dependencies=[Depends(synced_store)])
+async def model(model_id: str, request: Request) -> dict:
+    return card(request.app, entry_of(request.app, model_id))
 
 
 @router.post("/completions")
-async def completions(body: CompletionBody, request: Request):
-    _check_scoring(body)
+async def completions(body: CompletionRequest, request: Request):
+    _check_completion(body)
     gen: Generation = request.app.state.generation
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        raise InvalidRequestError(f"prompt: expected one string or one list of token ids, got a batch of {len(prompt)}")
-    ids = gen.tokenize(None, prompt) if isinstance(prompt, list) else gen.tokenize(prompt, None)
-    job = await gen.job(_adapter_of(request, body.model), ids, body.params(body.max_tokens), None)
+    prompts = [await (gen.tokenize(p, None) if isinstance(p, str) else gen.tokenize(None, p)) for p in body.prompts()]
+    params = body.params(body.max_tokens)
+    choices = await open_choices(gen, adapter_of(request.app, body.model), prompts, body.n, params, "max_tokens")
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return await _answer(gen, job, body.model, stream=True, chat=False)
-    return await _scored_completion(gen, job, body)
+        return await _stream(gen, choices, fmt.Chunks(rid, body.model, False, body.include_usage), strip=False)
+    outs = await run_choices(gen, choices)
+    texts = [_completion_choice(gen, body, c, o) for c, o in zip(choices, outs)]
+    return JSONResponse({**fmt.envelope(rid, body.model, False, texts), "usage": fmt.usage(choices, outs)})
 
 
-def _check_scoring(body: CompletionBody) -> None:
+def _check_completion(body: CompletionRequest) -> None:
+    if not body.prompts():
+        raise InvalidRequestError("prompt: expected a string, a list of token ids, or a non-empty batch of them, got []")
     if body.max_tokens == 0 and not body.echo:
         raise InvalidRequestError("max_tokens: expected at least 1 (0 only with echo: true, to score the prompt), got 0")
     if body.stream and (body.echo or body.logprobs is not None):
         raise InvalidRequestError("stream: expected false with echo or logprobs (scores are not streamed), got true")
 
 
-async def _scored_completion(gen: Generation, job: Job, body: CompletionBody) -> JSONResponse:
-    """A non-streamed completion; with echo the text starts with the prompt, with logprobs it carries scores."""
-    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    out = await gen.run(job)
-    choice = _choice(out.text, out.finish_reason, chat=False)
+def _completion_choice(gen: Generation, body: CompletionRequest, c: Choice, out: Outcome) -> dict:
+    """With echo the text starts with the prompt; with logprobs it carries scores."""
+    text = out.text
     if body.echo:
-        prompt = body.prompt if isinstance(body.prompt, str) else gen.base.tokenizer.decode(job.prompt_ids)
-        choice["text"] = prompt + out.text
-    if body.logprobs is not None:
-        choice["logprobs"] = legacy_logprobs(gen.base.tokenizer, job.prompt_ids, out, body.echo)
-    return JSONResponse(_envelope(rid, body.model, False, [choice], _usage(job, out)))
+        prompt = body.prompts()[c.prompt]
+        text = (prompt if isinstance(prompt, str) else gen.base.tokenizer.decode(c.job.prompt_ids)) + text
+    lp = legacy_logprobs(gen.base.tokenizer, c.job.prompt_ids, out, body.echo) if body.logprobs is not None else None
+    return fmt.text_choice(c.index, text, out.finish_reason, lp)
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatBody, request: Request):
+async def chat_completions(body: ChatRequest, request: Request):
+    if body.stream and body.logprobs:
+        raise InvalidRequestError("stream: expected false with logprobs (scores are not streamed), got true")
     gen: Generation = request.app.state.generation
-    ids = gen.tokenize(None, _chat_ids(gen, body.messages))
-    job = await gen.job(_adapter_of(request, body.model), ids, body.params(body.limit(256)), None)
-    return await _answer(gen, job, body.model, body.stream, chat=True)
+    ids, templated = await asyncio.to_thread(chat_prompt_ids, gen.base.tokenizer, body.messages)
+    ids = await gen.tokenize(None, ids)
+    params = body.params(body.limit(default_max_tokens(request.app, body.model, ids)))
+    choices = await open_choices(gen, adapter_of(request.app, body.model), [ids], body.n, params, "max_tokens")
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        return await _stream(gen, choices, fmt.Chunks(rid, body.model, True, body.include_usage), strip=not templated)
+    outs = await run_choices(gen, choices)
+    replies = [_chat_choice(gen, body, c, o, templated) for c, o in zip(choices, outs)]
+    return JSONResponse({**fmt.envelope(rid, body.model, True, replies), "usage": fmt.usage(choices, outs)})
 
 
-def _adapter_of(request: Request, model: str) -> str | None:
-    return None if model == request.app.state.base.name else model
+def _chat_choice(gen: Generation, body: ChatRequest, c: Choice, out: Outcome, templated: bool) -> dict:
+    lp = chat_logprobs(gen.base.tokenizer, out) if body.logprobs else None
+    return fmt.chat_choice(c.index, out.text if templated else out.text.lstrip(), out.finish_reason, lp)
 
 
-def _chat_ids(gen: Generation, messages: list[ChatMessage]) -> list[int]:
-    """The tokenizer's chat template, else plain '<role>: <content>' lines and 'assistant:'."""
-    tok = gen.base.tokenizer
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
-    if tok.chat_template:
-        return list(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
-    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-    return tok.encode(text, add_special_tokens=False)
-
-
-async def _answer(gen: Generation, job: Job, model: str, stream: bool, chat: bool):
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    if stream:
-        return StreamingResponse(_sse(gen, job, model, rid, chat), media_type="text/event-stream")
-    out = await gen.run(job)
-    return JSONResponse(_envelope(rid, model, chat, [_choice(out.text, out.finish_reason, chat)], _usage(job, out)))
-
-
-def _choice(text: str, finish_reason: str | None, chat: bool, delta: bool = False) -> dict:
-    if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    key = "delta" if delta else "message"
-    message = {"role": "assistant", "content": text} if not delta or text else {}
-    return {"index": 0, key: message, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _usage(job: Job, out: Outcome) -> dict:
-    n_in, n_out = len(job.prompt_ids), len(out.token_ids)
-    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-
-
-def _envelope(rid: str, model: str, chat: bool, choices: list[dict], usage: dict | None, chunk: bool = False) -> dict:
-    kind = "chat.completion" if chat else "text_completion"
-    body = {"id": rid, "object": f"{kind}.chunk" if chunk and chat else kind, "created": int(time.time()),
-            "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-async def _sse(gen: Generation, job: Job, model: str, rid: str, chat: bool) -> AsyncIterator[str]:
-    async for token_id, delta, out in gen.stream(job):
-        final = token_id is None
-        choice = _choice(delta, out.finish_reason if final else None, chat, delta=True)
-        usage = _usage(job, out) if final else None
-        yield f"data: {json.dumps(_envelope(rid, model, chat, [choice], usage, chunk=True))}\n\n"
-    yield "data: [DONE]\n\n"
+async def _stream(gen: Generation, choices: list[Choice], chunks: fmt.Chunks, strip: bool) -> EventStream:
+    """Every choice's chunks as they come; a refusal (before the first token) is answered before any header."""
+    items = stream_choices(gen, choices)
+    first = await anext(items)  # a failed anext has already finalized `items`
+    return stream_response(first, items, fmt.StreamRenderer(chunks, choices, strip), end=fmt.DONE)

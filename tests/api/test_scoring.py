@@ -115,8 +115,9 @@ def test_logprobs_without_echo_score_only_generated(server):
         r = c.post("/v1/completions", json={"model": "tiny-llama", "prompt": PROMPT, "logprobs": 0,
                                             "max_tokens": 3, "temperature": 0, "ignore_eos": True})
     lps = r.json()["choices"][0]["logprobs"]
-    assert len(lps["tokens"]) == 3 and all(t == {} for t in lps["top_logprobs"])
-    assert all(x <= 0 for x in lps["token_logprobs"])
+    assert len(lps["tokens"]) == 3 and all(x <= 0 for x in lps["token_logprobs"])
+    # logprobs 0: each top_logprobs holds the chosen token alone, with its score (vLLM's convention)
+    assert lps["top_logprobs"] == [{t: lp} for t, lp in zip(lps["tokens"], lps["token_logprobs"])]
 
 
 def test_scoring_in_a_mixed_batch_equals_alone(server):
@@ -135,7 +136,9 @@ def test_openai_client_parses_echo_scores(server):
     assert choice.text == "def add(a, b):"
     lps = choice.logprobs
     assert lps.token_logprobs[0] is None and all(math.isfinite(x) for x in lps.token_logprobs[1:])
-    assert lps.top_logprobs[0] is None and all(len(t) == 1 for t in lps.top_logprobs[1:])
+    assert lps.top_logprobs[0] is None
+    # the top 1, and the chosen token beside it when it is not the top one (vLLM's convention)
+    assert all(t in top and 1 <= len(top) <= 2 for t, top in zip(lps.tokens[1:], lps.top_logprobs[1:]))
     assert lps.text_offset == sorted(lps.text_offset) and lps.text_offset[0] == 0
     assert out.usage.completion_tokens == 0
 

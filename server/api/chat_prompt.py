@@ -1,0 +1,19 @@
+"""The prompt a chat request becomes: the tokenizer's chat template, else plain turns.
+
+Without a template, turns are `<role>: <content>` lines and the generation prompt is `assistant:`;
+the model then tends to answer with a space or newline first, which the chat endpoint drops.
+"""
+from __future__ import annotations
+
+from server.api.schemas import ChatMessage
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> tuple[list[int], bool]:
+    """The prompt's token ids, and whether the tokenizer's chat template made them."""
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            return_dict=False)
+        return list(ids), True
+    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + ("assistant:" if add_generation_prompt else "")
+    return tokenizer.encode(text, add_special_tokens=False), False

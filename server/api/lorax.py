@@ -1,0 +1,237 @@
+"""LoRAX's (and TGI's) generation API, so `lorax-client` works unchanged against hotswap.
+
+- `POST /` (what `lorax.Client(base_url)` posts to): `{"inputs", "parameters", "stream"}`; a JSON
+  list of one response, or server-sent events when `stream` is true;
+- `POST /generate_stream`: the events; `POST /generate` with a LoRAX body (it has `inputs` and
+  neither `prompt` nor `prompt_token_ids`; see `LoraxBodies`) answers one response, while our
+  own `/generate` body keeps its contract.
+
+`parameters.adapter_id` is the name of a registered adapter (any kind; `adapter_source` is not
+needed: upload or register the adapter first). Sampling follows TGI: greedy unless `do_sample`
+or a temperature, top_k or top_p is set; no `max_new_tokens` means up to the end of the context.
+Every event's `token.text` is the text that token added (stop strings held back, as in our
+streams), so the non-special tokens' texts join to `generated_text`.
+"""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import ConfigDict, Field
+
+from server.api.deps import require_api_key
+from server.api.generation import Generation, Item, Job, Outcome
+from server.api.models import default_max_tokens
+from server.api.openai_schemas import NullIsAbsent
+from server.api.sse import EventStream, stream_response
+from server.engine.sampling import SamplingParams
+from server.errors import InvalidRequestError
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+LORAX_GENERATE = "/lorax/generate"  # where LoraxBodies sends a LoRAX body posted to /generate
+
+
+class LoraxParameters(NullIsAbsent):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    merged_adapters: dict | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(None, ge=1)
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = Field(None, gt=0)
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    truncate: int | None = Field(None, ge=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
+    best_of: int | None = Field(None, ge=1)
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = Field(None, ge=1, le=20)
+    response_format: dict | None = None
+
+    def unsupported(self) -> str | None:
+        """The first asked-for feature hotswap does not implement, as a message; None if none."""
+        asks = {"merged_adapters": self.merged_adapters is not None, "response_format": self.response_format is not None,
+                "best_of": (self.best_of or 1) > 1, "watermark": self.watermark,
+                "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+                "typical_p": self.typical_p not in (None, 1.0)}
+        name = next((k for k, asked in asks.items() if asked), None)
+        return f"parameters.{name}: expected it unset (hotswap does not implement it), got {getattr(self, name)!r}" if name else None
+
+    @property
+    def sampling(self) -> bool:
+        if self.temperature == 0:
+            return False
+        return self.do_sample or self.temperature not in (None, 1.0) or self.top_k is not None or self.top_p not in (None, 1.0)
+
+    def params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=(self.temperature or 1.0) if self.sampling else 0.0,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=tuple(s for s in self.stop if s),
+            ignore_eos=self.ignore_eos_token,
+            logprobs=self.return_k_alternatives or 0,  # every LoRAX token carries its logprob
+            prompt_logprobs=0 if self.decoder_input_details else None,
+        )
+
+
+class LoraxRequest(NullIsAbsent):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(min_length=1)
+    parameters: LoraxParameters = Field(default_factory=LoraxParameters)
+    stream: bool = False
+
+
+@router.post("/")
+async def compat_generate(body: LoraxRequest, request: Request):
+    """TGI's compatibility route: `stream` picks the events, else a list of one response."""
+    if body.stream:
+        return await generate_stream(body, request)
+    return [await _generate(body, request)]
+
+
+@router.post(LORAX_GENERATE, include_in_schema=False)
+async def lorax_generate(body: LoraxRequest, request: Request) -> dict:
+    return await _generate(body, request)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: LoraxRequest, request: Request) -> EventStream:
+    gen: Generation = request.app.state.generation
+    job = await _job(gen, body, request)
+    first, rest = await gen.start(job)
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    return stream_response(first, rest, _StreamRenderer(gen, job, body.parameters, prefix))
+
+
+async def _generate(body: LoraxRequest, request: Request) -> dict:
+    gen: Generation = request.app.state.generation
+    job = await _job(gen, body, request)
+    out = await gen.run(job)
+    p = body.parameters
+    response = {"generated_text": (body.inputs if p.return_full_text else "") + out.text}
+    if p.details or p.decoder_input_details:
+        response["details"] = {**_summary(gen, job, out, p), "prefill": _prefill(gen, job, out),
+                               "tokens": [_token(gen, out, k, p) for k in range(len(out.token_ids))],
+                               "best_of_sequences": None}
+    return response
+
+
+async def _job(gen: Generation, body: LoraxRequest, request: Request) -> Job:
+    p = body.parameters
+    problem = p.unsupported()
+    if problem:
+        raise InvalidRequestError(problem)
+    ids = await gen.tokenize(body.inputs, None)
+    if p.truncate:
+        ids = ids[-p.truncate:]
+    model = p.adapter_id or request.app.state.base.name
+    limit = p.max_new_tokens or default_max_tokens(request.app, model, ids)
+    return await gen.job(p.adapter_id, ids, p.params(limit), None)
+
+
+def _summary(gen: Generation, job: Job, out: Outcome, p: LoraxParameters) -> dict:
+    n_virtual = job.adapter.n_virtual if job.adapter else 0
+    return {"finish_reason": _finish_reason(gen, job, out), "prompt_tokens": n_virtual + len(job.prompt_ids),
+            "generated_tokens": len(out.token_ids), "seed": p.seed if p.sampling else None}
+
+
+def _finish_reason(gen: Generation, job: Job, out: Outcome) -> str:
+    if out.finish_reason != "stop":
+        return out.finish_reason
+    eos = not job.params.ignore_eos and out.token_ids and out.token_ids[-1] in gen.base.eos_ids
+    return "eos_token" if eos else "stop_sequence"
+
+
+def _token(gen: Generation, out: Outcome, k: int, p: LoraxParameters, text: str | None = None) -> dict:
+    """Generated token k: id, text (its own decoded text unless given), logprob, special, alternatives."""
+    tok, token_id, score = gen.base.tokenizer, out.token_ids[k], out.logprobs[k]
+    token = {"id": token_id, "text": tok.decode([token_id]) if text is None else text, "logprob": score.logprob,
+             "special": token_id in tok.all_special_ids}
+    if p.return_k_alternatives:
+        token["alternative_tokens"] = [{"id": i, "text": tok.decode([i]), "logprob": lp} for i, lp in score.top]
+    return token
+
+
+def _prefill(gen: Generation, job: Job, out: Outcome) -> list[dict]:
+    if out.prompt_logprobs is None:
+        return []
+    tok, ids = gen.base.tokenizer, job.prompt_ids
+    scores = [None, *(s.logprob for s in out.prompt_logprobs)]
+    return [{"id": i, "text": tok.decode([i]), "logprob": lp} for i, lp in zip(ids, scores)]
+
+
+class _StreamRenderer:
+    """Each token's event goes out when the next item comes, so the last one can carry the text
+    held back until the end, `generated_text` and `details`, as LoRAX's last event does."""
+
+    def __init__(self, gen: Generation, job: Job, p: LoraxParameters, prefix: str) -> None:
+        self.gen, self.job, self.p, self.prefix = gen, job, p, prefix
+        self.pending: str | None = None  # the previous token's text, not sent yet
+        self.k = -1  # index of that token
+
+    def __call__(self, item: Item) -> str:
+        token_id, delta, out = item
+        if token_id is not None:
+            line = self._event(out, None) if self.pending is not None else ""
+            self.pending, self.k = delta, self.k + 1
+            return line
+        self.pending += delta
+        return self._event(out, self._final(out))
+
+    def _event(self, out: Outcome, final: dict | None) -> str:
+        event = {"token": _token(self.gen, out, self.k, self.p, self.pending), "generated_text": None, "details": None}
+        if final:
+            event.update(final)
+        return f"data: {json.dumps(event)}\n\n"
+
+    def _final(self, out: Outcome) -> dict:
+        return {"generated_text": self.prefix + out.text, "details": _summary(self.gen, self.job, out, self.p)}
+
+
+class LoraxBodies:
+    """ASGI middleware: a `POST /generate` whose JSON body is LoRAX's goes to LORAX_GENERATE.
+
+    The body is read once, looked at, and replayed to the app unchanged."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/generate":
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        if is_lorax_body(body):
+            scope = {**scope, "path": LORAX_GENERATE, "raw_path": LORAX_GENERATE.encode()}
+        replay = iter(messages)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+
+def is_lorax_body(body: bytes) -> bool:
+    """LoRAX's body has `inputs`; ours has `prompt` or `prompt_token_ids` and never `inputs`."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "inputs" in data and not {"prompt", "prompt_token_ids"} & data.keys()

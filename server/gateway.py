@@ -1,0 +1,26 @@
+"""The replica's state as the Gateway API Inference Extension reads it (metrics.GatewayState).
+
+Read on the event loop at each scrape, from what the engine thread writes: the running rows and
+the waiting queue are copied in one step each (a list or deque copy does not interleave with the
+engine thread's appends), so a sample may be one step old, never torn.
+"""
+from __future__ import annotations
+
+from server.adapters.registry import Registry
+from server.engine.engine import Engine
+from server.engine.scheduler import reserved_tokens
+from server.metrics import GatewayState
+
+
+def gateway_state(engine: Engine, registry: Registry) -> GatewayState:
+    rows = list(engine.batch.rows)
+    queued = list(engine.scheduler.waiting)
+    resident = {e.name for e in registry.all() if e.adapter is not None}
+    running = resident | {r.adapter.name for r in rows if r.adapter is not None}
+    waiting = {r.adapter.name for r in queued if r.adapter is not None}
+    reserved = sum(reserved_tokens(r) for r in rows)
+    # max_lora: resident slots; unbounded (0), at most one adapter per row of a batch
+    max_lora = registry.max_resident or engine.settings.max_batch_size
+    return GatewayState(running=len(rows), waiting=engine.waiting, kv_usage=reserved / engine.settings.max_batch_tokens,
+                        running_adapters=tuple(sorted(running)), waiting_adapters=tuple(sorted(waiting)),
+                        max_lora=max_lora)
