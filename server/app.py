@@ -109,6 +109,7 @@ def _engine_settings(s: Settings) -> EngineSettings:
         max_waiting=s.max_waiting,
         phase_quantum_s=s.phase_quantum_s,
         prefix_cache=s.prefix_cache,
+        prefill_chunk_tokens=s.prefill_chunk_tokens,
     )
 
 

@@ -2,8 +2,8 @@
 
 Loop: run the calls other threads handed in (adapter placement, DoRA norms), take new requests,
 let the scheduler pick who joins (switching merged phases when the batch is empty), prefill the
-joiners together, run one decode step for every row, emit tokens to each request's asyncio
-queue, drop finished rows. The event loop only submits requests and awaits their events.
+joiners together (prompts longer than a chunk: one chunk per iteration, server/engine/chunks.py),
+run one decode step for every row, emit tokens to each request's asyncio queue, drop finished rows. The event loop only submits requests and awaits their events.
 
 Faults stay with their request. Whatever raises while admitting, prefilling, decoding or
 sampling a row ends that request with a typed error (its row freed, its adapter released) and
@@ -26,11 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from server.adapters.lora import MergedState, merge
 from server.engine.batch import Batch, scored_rows
 from server.engine.cache import KVCache
+from server.engine.calls import EngineCalls
+from server.engine.chunks import ChunkedPrefill
 from server.engine.clock import AdapterClock
+from server.engine.faults import describe, failed, non_finite
 from server.engine.logprobs import TokenLogprob, token_logprobs
+from server.engine.phases import Phases
 from server.engine.prefill import Prefiller
 from server.engine.records import record_adapter_time, record_finished
 from server.engine.request import (
@@ -43,9 +46,7 @@ from server.engine.request import (
 )
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine.scheduler import SHARED, Limits, Scheduler
-from server.engine.calls import EngineCalls
-from server.engine.faults import describe, failed, non_finite
-from server.errors import HotswapError, QueueFullError, RequestFailedError, ShuttingDownError
+from server.errors import QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.model import BaseModel
 
@@ -61,6 +62,12 @@ class EngineSettings:
     max_waiting: int = 256
     phase_quantum_s: float = 2.0
     prefix_cache: bool = True
+    prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
+
+
+def chunk_tokens(setting: int, device: torch.device) -> int:
+    """0 (auto): 512 on CUDA; 64 on CPU, where a 64-token chunk costs about one 8-row decode step."""
+    return setting or (512 if device.type == "cuda" else 64)
 
 
 class Engine:
@@ -80,6 +87,8 @@ class Engine:
         self.batch = Batch(cache)
         self.clock = AdapterClock(base.device)
         self.prefiller = Prefiller(base, cache, settings)
+        self.chunked = ChunkedPrefill(self.prefiller, settings.max_batch_size - 1,
+                                      chunk_tokens(settings.prefill_chunk_tokens, base.device))
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -89,7 +98,7 @@ class Engine:
         self._stopping = False
         self._abort: ShuttingDownError | None = None  # set past the shutdown timeout: end every request
         self._joining: list[Request] = []  # admitted this iteration, not yet rows of the batch
-        self._merged: MergedState | None = None
+        self.phases = Phases(base, self.scheduler, metrics, self._fail_waiting)
         self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
         self.calls = EngineCalls(self._thread, self._wake)
         self.call = self.calls.call  # what the registry runs here: base weight reads, device placement
@@ -170,30 +179,35 @@ class Engine:
                     self._fail_step(exc)
             if self._abort is not None:
                 self._end_everything(self._abort)
-            self._switch_phase(SHARED)
+            self.phases.switch(SHARED)
             self.calls.run_pending()
 
     def _done(self) -> bool:
-        idle = not self.batch and not self.scheduler and self._inbox.empty()
+        idle = not self.batch and not self.chunked and not self.scheduler and self._inbox.empty()
         return self._abort is not None or (self._stopping and idle)
 
     def _wait_for_work(self) -> None:
-        if not self.batch and not self.scheduler and self._inbox.empty() and not self.calls:
+        if not self.batch and not self.chunked and not self.scheduler and self._inbox.empty() and not self.calls:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
 
     def _iteration(self) -> None:
         self.calls.run_pending()
         self._intake()
-        if not self.batch and self.scheduler:
-            self._switch_phase(self.scheduler.next_phase())
-        joiners = self.scheduler.admit(self.batch.rows)
+        if not self.batch and not self.chunked and self.scheduler:
+            self.phases.switch(self.scheduler.next_phase())
+        joiners = self.scheduler.admit(self.batch.rows + self.chunked.requests())
         if joiners:
             with self._lock:
                 self._pending -= len(joiners)
             self._joining = joiners
-            self._prefill(joiners)
+            ready = self._set_up(joiners)
+            for req in (r for r in ready if self.chunked.wants(r)):
+                self.chunked.add(req)
+            self._prefill([r for r in ready if not self.chunked.wants(r)])
             self._joining = []
+        if self.chunked:
+            self._prefill_chunk()
         if self.batch:
             self._decode()
         self.metrics.set_queue(len(self.batch), self._pending)
@@ -205,37 +219,8 @@ class Engine:
             with self._lock:
                 self._pending -= 1
             self._finish(req, "cancelled", status="cancelled")
-
-    def _switch_phase(self, phase: str) -> None:
-        """With an empty batch: restore any merge, merge what `phase` needs, and enter it (a fresh quantum)."""
-        if phase == self.scheduler.phase and (phase == SHARED) == (self._merged is None):
-            self.scheduler.enter(phase)  # the same phase again: without a fresh quantum it could never admit
-            return
-        if self._merged is not None:
-            t0 = time.perf_counter()
-            self._merged.restore()
-            self._merged = None
-            self.metrics.restored(time.perf_counter() - t0)
-        if phase != SHARED and not self._merge_for(phase):
-            phase = SHARED
-        self.scheduler.enter(phase)
-
-    def _merge_for(self, phase: str) -> bool:
-        """Merge the adapter of a merged phase; on failure end its waiting requests (base left bit-exact)."""
-        adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
-        t0 = time.perf_counter()
-        try:
-            self._merged = merge(self.base.hf, adapter.weights)
-        except HotswapError as exc:
-            self._fail_waiting(phase, exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - merge rolled back; only this adapter's requests fail
-            log.exception("merging %s failed; the base weights were restored", adapter.name)
-            self._fail_waiting(phase, RequestFailedError(
-                f"merging adapter {adapter.name!r} failed ({describe(exc)}); the base model was restored unchanged"))
-            return False
-        self.metrics.merged(time.perf_counter() - t0)
-        return True
+        for req in self.chunked.drop_cancelled():
+            self._finish(req, "cancelled", status="cancelled")
 
     def _fail_waiting(self, phase: str, exc: Exception) -> None:
         """The phase cannot run (its merge was refused): end its waiting requests with the error."""
@@ -244,7 +229,8 @@ class Engine:
                 self._pending -= 1
             self._finish(req, "error", status="error", error=exc)
 
-    def _prefill(self, joiners: list[Request]) -> None:
+    def _set_up(self, joiners: list[Request]) -> list[Request]:
+        """Admission: each joiner's sampler; those whose set-up raised end here, the others are returned."""
         now = time.perf_counter()
         ready = []
         for req in joiners:
@@ -255,7 +241,10 @@ class Engine:
                 self._finish(req, "error", status="error", error=failed("setting up sampling", exc))
             else:
                 ready.append(req)
-        for group in self.prefiller.groups(ready):
+        return ready
+
+    def _prefill(self, joiners: list[Request]) -> None:
+        for group in self.prefiller.groups(joiners):
             self._prefill_group(group)
         self._drop_finished()
 
@@ -278,6 +267,24 @@ class Engine:
         live = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]  # 0: scored only, never sampled
         rows = [group[i] for i in live]
         self._sample(rows, logits if len(live) == len(group) else logits[live], scored_rows(rows))
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the long prompt in progress; once it is all in, the row joins the batch."""
+        try:
+            done = self.chunked.step()
+        except Exception as exc:  # noqa: BLE001 - this request's fault
+            req = self.chunked.drop_active()
+            if req is not None:
+                self._finish(req, "error", status="error", error=failed("prefill", exc))
+            return
+        if done is None:
+            return
+        row = len(self.batch)
+        if done.row != row:
+            self.batch.cache.move_row(done.row, row, done.length)
+        self.batch.join(done.req, done.length)
+        self._sample([done.req], done.logits, scored_rows([done.req]))
+        self._drop_finished()
 
     def _sample(self, rows: list[Request], logits: Tensor, scored: list[int]) -> None:
         """logits: [N, V] of `rows` -> each row's next token accepted, or the row marked failed."""
@@ -378,9 +385,11 @@ class Engine:
     def _fail_step(self, exc: Exception) -> None:
         """A fault no row could be blamed for: end the rows of this step (running and joining), not the waiting."""
         error = failed("the engine step", exc)
-        for req in self._joining:
+        active = self.chunked.drop_active()
+        for req in self._joining + ([active] if active else []):
             self._finish(req, "error", status="error", error=error)
         self._joining = []
+        self.chunked.discard_finished()
         while self.batch:
             self._finish(self.batch.leave(len(self.batch) - 1), "error", status="error", error=error)
 
@@ -388,7 +397,7 @@ class Engine:
         """Past the shutdown timeout: every request still here ends with `error`."""
         while not self._inbox.empty():
             self.scheduler.add(self._inbox.get_nowait())
-        for req in [*self.batch.rows, *self.scheduler.waiting]:
+        for req in [*self.batch.rows, *self.chunked.requests(), *self.scheduler.waiting]:
             self._finish(req, "error", status="error", error=error)
         while self.batch:
             self.batch.leave(len(self.batch) - 1)

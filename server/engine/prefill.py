@@ -39,7 +39,7 @@ class Prefiller:
         """Joiners in order, cut into groups of at most --max-prefill-tokens padded tokens."""
         group: list[Request] = []
         for req in joiners:
-            longest = max([self._new_len(r) for r in group + [req]])
+            longest = max([self.new_len(r) for r in group + [req]])
             if group and longest * (len(group) + 1) > self.max_prefill_tokens:
                 yield group
                 group = []
@@ -47,7 +47,7 @@ class Prefiller:
         if group:
             yield group
 
-    def _new_len(self, req: Request) -> int:
+    def new_len(self, req: Request) -> int:
         """Tokens this request feeds at prefill (its prompt, plus virtual tokens without the prefix cache)."""
         prompt = _prompt_adapter(req)
         extra = prompt.n_virtual if prompt and not self.prefix_cache else 0
@@ -85,6 +85,25 @@ class Prefiller:
             logits = self.decoder.logits(real[None, s : s + SCORE_CHUNK])[0]  # [C, V]
             scores += token_logprobs(logits, targets[s : s + SCORE_CHUNK], [n_top] * logits.shape[0])
         return scores
+
+    def begin_row(self, req: Request, row: int) -> tuple[int, Tensor]:
+        """Start a chunked prefill in cache `row`: room for the whole row, the soft prompt's prefix
+        loaded; -> (positions cached so far, the input embeddings still to feed [L, H])."""
+        start, x = self._row_input(req)
+        self.cache.ensure(start + x.shape[0])
+        if start:
+            prefix = self.prefix_of(_prompt_adapter(req))
+            self.cache.load_prefix(row, prefix.keys, prefix.values)
+        return start, x
+
+    def prefill_chunk(self, req: Request, row: int, start: int, x: Tensor) -> Tensor:
+        """x: [L, H] the next chunk of one row's inputs, fed at positions start.. of cache `row`
+        -> the logits after its last token [1, V]."""
+        plans = Plans.build([req])
+        self.lora_ctx.plan = plans.lora
+        shape = StepShape.build(row, [start], x.shape[0], self.base.device)
+        hidden = self.decoder.forward(x[None], shape, self.cache, plans.residual)  # [1, L, H]
+        return self.decoder.logits(hidden[:, -1])
 
     def _row_input(self, req: Request) -> tuple[int, Tensor]:
         """(cached positions before the new tokens, new input embeddings [L, H]) for one row."""

@@ -1,0 +1,89 @@
+"""Chunked prefill: a prompt longer than one chunk is fed a chunk per engine step, between decode
+steps, so the streams already decoding never stall behind it for its whole prefill.
+
+One such prompt is in progress at a time, in the cache's last row (admission counts every chunked
+request as a running row, so the batch's compact rows never reach it); the others queue here in
+arrival order. When its last chunk is in, the row's KV moves to the end of the batch and it joins
+with the first token sampled from the last chunk's logits. Requests that score their prompt
+(`prompt_logprobs`) are prefilled in one piece, as before.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from server.engine.prefill import Prefiller
+from server.engine.request import Request
+
+
+@dataclass
+class InProgress:
+    req: Request
+    start: int  # positions of its row cached so far
+    inputs: Tensor | None  # [L, H] embeddings not yet fed; None until its row is begun
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    req: Request
+    row: int  # the cache row holding its KV
+    length: int  # positions cached
+    logits: Tensor  # [1, V] after its last prompt token
+
+
+class ChunkedPrefill:
+    def __init__(self, prefiller: Prefiller, row: int, chunk_tokens: int) -> None:
+        self.prefiller = prefiller
+        self.row = row
+        self.chunk_tokens = chunk_tokens
+        self.queue: deque[Request] = deque()
+        self.active: InProgress | None = None
+
+    def __len__(self) -> int:
+        return len(self.queue) + (self.active is not None)
+
+    def requests(self) -> list[Request]:
+        """Every request here, the one in progress first."""
+        return ([self.active.req] if self.active else []) + list(self.queue)
+
+    def wants(self, req: Request) -> bool:
+        return self.prefiller.new_len(req) > self.chunk_tokens and req.params.prompt_logprobs is None
+
+    def add(self, req: Request) -> None:
+        self.queue.append(req)
+
+    def drop_cancelled(self) -> list[Request]:
+        gone = [r for r in self.requests() if r.cancelled]
+        if self.active is not None and self.active.req.cancelled:
+            self.active = None
+        self.queue = deque(r for r in self.queue if not r.cancelled)
+        return gone
+
+    def discard_finished(self) -> None:
+        """Forget queued requests the engine already ended (a failed step that had just admitted them)."""
+        self.queue = deque(r for r in self.queue if not r.finished)
+
+    def drop_active(self) -> Request | None:
+        """The request in progress, removed (its chunk raised)."""
+        req, self.active = (self.active.req if self.active else None), None
+        return req
+
+    def step(self) -> Prefilled | None:
+        """Feed the next chunk of the request in progress (starting the next one if none); its
+        result once the whole prompt is in."""
+        if self.active is None:
+            if not self.queue:
+                return None
+            self.active = InProgress(self.queue.popleft(), 0, None)
+        job = self.active
+        if job.inputs is None:
+            job.start, job.inputs = self.prefiller.begin_row(job.req, self.row)
+        chunk, job.inputs = job.inputs[: self.chunk_tokens], job.inputs[self.chunk_tokens :]  # [C, H], [L - C, H]
+        logits = self.prefiller.prefill_chunk(job.req, self.row, job.start, chunk)
+        job.start += chunk.shape[0]
+        if job.inputs.shape[0]:
+            return None
+        self.active = None
+        return Prefilled(job.req, self.row, job.start, logits)
