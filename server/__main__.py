@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import typing
 
-import uvicorn
+from uvicorn.main import STARTUP_FAILURE
 
 from server.app import create_app
 from server.config import Settings
+from server.http import Server, uvicorn_config
 
 
 def build_parser(settings_cls: type[Settings] = Settings, prog: str = "python -m server",
@@ -36,13 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler it found at start:
     # a no-op handler there makes a drained shutdown exit 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, _drained)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-    )
+    app = create_app(settings)
+    server = Server(uvicorn_config(app, settings), app)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run does: the app did not start (model, store, port)
 
 
 def _drained(signum: int, frame: object) -> None:

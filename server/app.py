@@ -27,6 +27,7 @@ from server.api.generation import Generation
 from server.config import Settings
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
+from server.http import BodyLimit
 from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (generate, openai, tokenize, lorax, adapters, health):
         app.include_router(module.router)
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _install_error_handlers(app)
     return app
 

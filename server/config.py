@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_resident_adapters: int = Field(64, ge=1, description="adapters kept on the device at once")
     max_adapter_memory_bytes: int = Field(0, ge=0, description="device memory for adapters (0: unbounded)")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest adapter upload")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body but uploads (413 past it)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers (408 past it)")
     allowed_local_dir: Path | None = Field(None, description="folder that /v1/load_lora_adapter may read")
     admin_token: str | None = Field(None, description="bearer token for endpoints that change adapters")
     api_key: str | None = Field(None, description="bearer token for generation endpoints")

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.config import Settings
+from server.http import Server, uvicorn_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LLAMA = FIXTURES / "tiny-llama"
@@ -38,6 +39,7 @@ def free_port() -> int:
 class LiveServer:
     url: str
     app: FastAPI
+    server: uvicorn.Server
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
@@ -51,17 +53,21 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(tmp_path: Path, **overrides) -> Iterator[LiveServer]:
+def live_server(tmp_path: Path, as_main: bool = False, **overrides) -> Iterator[LiveServer]:
+    """as_main: served as `python -m server` serves (header timeout, drain on shutdown)."""
     port = free_port()
     settings = Settings(**{"host": "127.0.0.1", "port": port, "store": tmp_path / "store", **overrides})
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if as_main:
+        server = Server(uvicorn_config(app, settings, log_level="warning"), app)
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, thread.is_alive)
-        yield LiveServer(url, app)
+        yield LiveServer(url, app, server)
     finally:
         server.should_exit = True
         thread.join(60)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.api.deps import require_api_key
-from server.api.generation import Generation, Job, Outcome
+from server.api.generation import Generation, Item, Job, Outcome
 from server.api.schemas import GenerateBody
+from server.api.sse import EventStream, stream_response
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -17,10 +17,10 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.post("/generate")
 async def generate(body: GenerateBody, request: Request, adapter: str | None = None):
     gen: Generation = request.app.state.generation
-    ids = gen.tokenize(body.prompt, body.prompt_token_ids)
+    ids = await gen.tokenize(body.prompt, body.prompt_token_ids)
     job = await gen.job(adapter or None, ids, body.params(body.max_new_tokens), body.mode)
     if body.stream:
-        return StreamingResponse(_sse(gen, job), media_type="text/event-stream")
+        return await _sse(gen, job)
     return JSONResponse(_response(job, await gen.run(job)))
 
 
@@ -36,9 +36,15 @@ def _response(job: Job, out: Outcome) -> dict:
     }
 
 
-async def _sse(gen: Generation, job: Job) -> AsyncIterator[str]:
-    async for token_id, delta, out in gen.stream(job):
-        if token_id is None:
-            yield f"data: {json.dumps(_response(job, out))}\n\n"
-        else:
-            yield f"data: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
+async def _sse(gen: Generation, job: Job) -> EventStream:
+    """One event per token, then one with the whole response; refusals come before the 200."""
+    first, rest = await gen.start(job)
+
+    def render(item: Item) -> str:
+        token_id, delta, out = item
+        if token_id is None:  # text held back for a stop string that never came ends the token events
+            tail = f"data: {json.dumps({'token_id': None, 'text': delta})}\n\n" if delta else ""
+            return tail + f"data: {json.dumps(_response(job, out))}\n\n"
+        return f"data: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
+
+    return stream_response(first, rest, render)

@@ -1,16 +1,23 @@
 """What every generation endpoint shares: resolve and check a request, run it, collect or stream it."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from server.adapters.lora import check_mergeable
 from server.adapters.adapter import Adapter
+from server.api.drain import Drain
 from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
 from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.errors import HotswapError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+Item = tuple[int | None, str, "Outcome"]  # (token id, new text, running outcome); token id None: the final one
 
 
 @dataclass
@@ -44,13 +51,15 @@ class Generation:
         self.registry = registry
         self.engine = engine
         self.max_new_tokens_limit = max_new_tokens_limit
+        self.drain = Drain()
 
-    def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
+    async def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
+        """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop."""
         if (prompt is None) == (ids is None):
             got = "both" if prompt is not None else "neither"
             raise InvalidRequestError(f"expected exactly one of prompt (string) or prompt_token_ids (list of ints), got {got}")
         if ids is None:
-            ids = self.base.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = await asyncio.to_thread(self.base.tokenizer.encode, prompt, add_special_tokens=False)
         vocab = self.base.geometry.vocab
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -90,33 +99,50 @@ class Generation:
             )
 
     async def events(self, job: Job) -> AsyncIterator[Event]:
-        async for event in self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode):
-            yield event
+        """Submit the job and yield its events, each wait bounded by the shutdown deadline; closing this
+        (or cancelling a wait) cancels the request in the engine, which releases the adapter."""
+        source = self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode)
+        async with aclosing(source):
+            while True:
+                try:
+                    event = await self.drain.next(source)
+                except StopAsyncIteration:
+                    return
+                yield event
 
     async def run(self, job: Job) -> Outcome:
         out = Outcome()
-        async for event in self.events(job):
-            if isinstance(event, DoneEvent):
-                out.finish_reason = self._reason(event)
-            else:
-                _collect(out, event)
-        out.text = self.text(out.token_ids, job.params)
+        async with aclosing(self.events(job)) as events:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    out.finish_reason = self._reason(event)
+                else:
+                    _collect(out, event)
+        out.text = await asyncio.to_thread(self.text, out.token_ids, job.params)
         return out
 
-    async def stream(self, job: Job) -> AsyncIterator[tuple[int | None, str, Outcome]]:
+    async def start(self, job: Job) -> tuple[Item, AsyncGenerator[Item, None]]:
+        """Submit a streamed job and await its first item, so that a refusal (a full queue, shutting
+        down, a failed merge or prefill) raises here, before any header; then the rest of the items.
+        The caller must close the rest (sse.EventStream does)."""
+        items = self.stream(job)
+        return await anext(items), items  # a failed anext has already finalized `items`
+
+    async def stream(self, job: Job) -> AsyncGenerator[Item, None]:
         """Yield (token id, new text, running outcome) per token, then (None, "", final outcome)."""
         out = Outcome()
         sent = ""
-        async for event in self.events(job):
-            if isinstance(event, DoneEvent):
-                out.finish_reason = self._reason(event)
-                break
-            _collect(out, event)
-            if isinstance(event, PromptLogprobsEvent):
-                continue
-            text = streamable(self.base.tokenizer.decode(out.token_ids, skip_special_tokens=True), job.params.stop)
-            delta, sent = _delta(text, sent)
-            yield event.token_id, delta, out
+        async with aclosing(self.events(job)) as events:
+            async for event in events:
+                if isinstance(event, DoneEvent):
+                    out.finish_reason = self._reason(event)
+                    break
+                _collect(out, event)
+                if isinstance(event, PromptLogprobsEvent):
+                    continue
+                text = streamable(self.base.tokenizer.decode(out.token_ids, skip_special_tokens=True), job.params.stop)
+                delta, sent = _delta(text, sent)
+                yield event.token_id, delta, out
         out.text = self.text(out.token_ids, job.params)
         yield None, out.text[len(sent):], out
 
@@ -125,9 +151,12 @@ class Generation:
 
     @staticmethod
     def _reason(event: DoneEvent) -> str:
-        if event.finish_reason == "error":
-            raise event.error or RuntimeError("generation failed")
-        return event.finish_reason
+        if event.finish_reason != "error":
+            return event.finish_reason
+        if isinstance(event.error, HotswapError):
+            raise event.error
+        log.error("generation failed", exc_info=event.error)
+        raise HotswapError(f"generation failed: {type(event.error).__name__}") from event.error
 
 
 def _collect(out: Outcome, event: TokenEvent | PromptLogprobsEvent) -> None:

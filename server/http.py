@@ -1,0 +1,187 @@
+"""The HTTP server around the app: request-body limit, header-read timeout, and a shutdown that answers.
+
+- `BodyLimit` (ASGI middleware): a body past `--max-body-bytes` is answered 413 JSON, from its
+  Content-Length before a byte is read, else as soon as the bytes counted while streaming pass
+  the limit. Adapter uploads (multipart `POST /adapters`) stream to disk under their own
+  `--max-upload-bytes` (server/upload.py) and are left to it.
+- `--header-timeout-s`: uvicorn bounds only the idle time between requests (`timeout_keep_alive`);
+  neither of its HTTP protocols bounds the time a client takes to send a request's headers (h11's
+  `h11_max_incomplete_event_size` bounds their size, not their pace). So the protocol uvicorn would
+  pick (httptools if installed, else h11) gets a timer from the connection's first byte, or a
+  request's, until its headers are complete; past it the client gets 408 JSON and is disconnected.
+- `Server`: when uvicorn's shutdown begins, /ready says draining and the in-flight generations get
+  the `--shutdown-timeout-s` deadline (server/api/drain.py); uvicorn waits a little longer, so it
+  never has to cancel a request that has not answered.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.config import Settings
+
+DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
+UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their own limit
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
+    """The uvicorn configuration `python -m server` serves the app with."""
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "http": header_timeout_protocol(settings.header_timeout_s),
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s) + DRAIN_MARGIN_S,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
+
+
+class Server(uvicorn.Server):
+    """uvicorn, and the app's drain deadline starting as its shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        settings: Settings = self.app.state.settings
+        self.app.state.draining = True
+        generation = getattr(self.app.state, "generation", None)  # None: shut down before start-up ended
+        if generation is not None:
+            generation.drain.begin(settings.shutdown_timeout_s)
+        await super().shutdown(sockets)
+
+
+# ---------------------------------------------------------------- request body
+
+
+class BodyLimit:
+    """413 JSON for a request body past `limit` bytes, before it is read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in UNLIMITED:
+            return await self.app(scope, receive, send)
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            return await _too_large(send, self.limit, f"{declared} (Content-Length)")
+        await _Counted(self.app, self.limit)(scope, receive, send)
+
+
+class _Counted:
+    """One request whose body bytes are counted as they arrive; past the limit, the app's answer
+    (an error about a body it could not read) is replaced by the 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.received = 0
+        self.exceeded = False
+        self.started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+                if self.received > self.limit:
+                    self.exceeded = True
+                    return {"type": "http.disconnect"}  # the app stops reading
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if self.exceeded and not self.started:
+                return  # the app's answer to a body it could not read; the 413 replaces it
+            self.started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not self.exceeded:
+                raise
+        if self.exceeded and not self.started:
+            await _too_large(send, self.limit, f"more ({self.received} bytes by then)")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _too_large(send: Send, limit: int, got: str) -> None:
+    message = f"body: expected at most {limit} bytes (--max-body-bytes), got {got}"
+    body = json.dumps({"error": {"type": "payload_too_large", "message": message}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------- header-read timeout
+
+
+def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's own choice of HTTP protocol (httptools if installed, else h11), with the header timer."""
+    if importlib.util.find_spec("httptools") is not None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        base = H11Protocol
+    return type(f"HeaderTimeout{base.__name__}", (_HeaderTimeout, base), {"header_timeout_s": timeout_s})
+
+
+class _HeaderTimeout:
+    """Mixin over a uvicorn HTTP protocol: a request's headers must be complete `header_timeout_s`
+    after the connection opens or the request's first byte arrives. Both protocols start a new
+    `cycle` once a request's headers are parsed, which is what stops the timer."""
+
+    header_timeout_s: float
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before:
+            self._disarm_header_timer()
+        elif self.cycle is None or self.cycle.response_complete:  # bytes of a next request
+            self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not (self.cycle is None or self.cycle.response_complete):
+            return
+        message = f"headers: expected a complete request head within {self.header_timeout_s:g}s (--header-timeout-s), got part of one"
+        body = json.dumps({"error": {"type": "request_timeout", "message": message}}).encode()
+        head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")
+        self.transport.write(head + body)
+        self.transport.close()

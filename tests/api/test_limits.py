@@ -1,0 +1,103 @@
+"""Limits a client meets at the door: body size (413), header pace (408), and a huge prompt that
+must not stall anyone else (tokenized off the event loop). Served as `python -m server` serves."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from tests.conftest import LLAMA, live_server
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("limits"), as_main=True, model=LLAMA, max_body_bytes=LIMIT,
+                     header_timeout_s=1) as s:
+        yield s
+
+
+def raw(srv, data: bytes, wait_s: float = 10) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection, read until the server closes it: (answer, seconds)."""
+    url = urlparse(srv.url)
+    t0 = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=wait_s) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - t0
+
+
+def status_and_error(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_declared_oversized_body_is_413_before_it_is_read(srv):
+    head = (b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % (10**9))
+    status, error = status_and_error(raw(srv, head + b'{"prompt": "')[0])  # 1 GB promised, a few bytes sent
+    assert status == 413 and error["type"] == "payload_too_large"
+    assert f"at most {LIMIT} bytes" in error["message"] and "1000000000" in error["message"]
+
+
+def test_streamed_oversized_body_is_413_once_past_the_limit(srv):
+    """Chunked, no Content-Length: counted while it arrives."""
+    chunk = b"x" * 8192
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2))
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    status, error = status_and_error(raw(srv, head + body)[0])
+    assert status == 413 and error["type"] == "payload_too_large" and f"at most {LIMIT} bytes" in error["message"]
+
+
+def test_body_under_the_limit_is_served(srv):
+    with srv.client() as c:
+        r = c.post("/generate", json={"prompt": "a" * (LIMIT // 2), "max_new_tokens": 1})
+    assert r.status_code == 400 and "the model's context" in r.json()["error"]["message"]  # read, parsed, tokenized
+
+
+def test_slow_headers_get_408_and_the_server_keeps_serving(srv):
+    answer, took = raw(srv, b"POST /generate HTTP/1.1\r\nhost: x\r\n")  # and then nothing more
+    status, error = status_and_error(answer)
+    assert status == 408 and error["type"] == "request_timeout" and "--header-timeout-s" in error["message"]
+    assert 0.9 <= took < 5
+    with srv.client() as c:
+        assert c.get("/health").status_code == 200
+
+
+def test_idle_connection_is_closed_too(srv):
+    answer, took = raw(srv, b"")
+    assert status_and_error(answer)[0] == 408 and took < 5
+
+
+def test_huge_prompt_does_not_stall_health(tmp_path):
+    """A 2 MB prompt takes seconds to tokenize; /health keeps answering meanwhile."""
+    with live_server(tmp_path, as_main=True, model=LLAMA) as s:
+        result: dict = {}
+
+        def huge():
+            with httpx.Client(base_url=s.url, timeout=120) as c:
+                result["r"] = c.post("/generate", json={"prompt": "hello world " * 170_000, "max_new_tokens": 1})
+            result["done"] = time.monotonic()
+
+        caller = threading.Thread(target=huge)
+        caller.start()
+        time.sleep(0.5)  # the body is read and tokenizing
+        answered, slowest = 0, 0.0
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            while "done" not in result and answered < 200:
+                t0 = time.monotonic()
+                assert c.get("/health").status_code == 200
+                slowest = max(slowest, time.monotonic() - t0)
+                answered += 1
+                time.sleep(0.05)
+        caller.join(120)
+        assert result["r"].status_code == 400 and "the model's context" in result["r"].json()["error"]["message"]
+        assert answered >= 3 and slowest < 1.0, (answered, slowest)
