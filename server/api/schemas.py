@@ -4,18 +4,38 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from server.engine.sampling import SamplingParams
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed accepts
+
+
+def encodable(value: object) -> object:
+    """Refuse text UTF-8 cannot encode (a lone surrogate, e.g. JSON "\\ud800"), in strings, lists and dicts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"expected text UTF-8 can encode, got a lone surrogate {value[exc.start]!r} at index {exc.start}") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            encodable(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            encodable(item)
+    return value
+
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN and ±inf are refused in every float field
+
+    _utf8 = field_validator("*")(encodable)
 
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
 
@@ -59,6 +79,8 @@ class CompletionBody(SamplingFields):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    _utf8 = field_validator("*")(encodable)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
