@@ -14,25 +14,26 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from server.adapters.registry import Registry
-from server.api.deps import require_admin, synced_store
+from server.api.deps import require_admin, require_api_key, synced_store
 from server.errors import ForbiddenError, InvalidRequestError
 from server.store import check_name
 from server.upload import receive, unpack
 
 router = APIRouter(dependencies=[Depends(synced_store)])
 admin = [Depends(require_admin)]
+reader = [Depends(require_api_key)]  # adapter names and records are the api key's to read (docs/auth.md)
 
 
 def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-@router.get("/adapters")
+@router.get("/adapters", dependencies=reader)
 async def list_adapters(request: Request) -> dict:
     return {"adapters": [e.record() for e in _registry(request).all()]}
 
 
-@router.get("/adapters/{name}")
+@router.get("/adapters/{name}", dependencies=reader)
 async def get_adapter(name: str, request: Request) -> dict:
     return _registry(request).get(name).record()
 

@@ -9,23 +9,31 @@ from fastapi import Request
 from server.errors import AuthenticationError, ForbiddenError
 
 
-def _check_bearer(request: Request, expected: str | None, what: str) -> None:
-    if not expected:
+def _check_bearer(request: Request, accepted: list[str], what: str) -> None:
+    """401 without a bearer token, 403 with one that is none of `accepted`; nothing to check if none is."""
+    if not accepted:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationError(f"{what}: expected 'Authorization: Bearer <token>', got {'no header' if not header else 'another scheme'}")
-    if not hmac.compare_digest(token.encode(), expected.encode()):
+    if not any(hmac.compare_digest(token.encode(), good.encode()) for good in accepted):
         raise ForbiddenError(f"{what}: the bearer token is not valid")
 
 
 def require_api_key(request: Request) -> None:
-    _check_bearer(request, request.app.state.settings.api_key, "api key")
+    """Generation and reads of adapters (docs/auth.md): the api key, or the admin token, when an api key is set."""
+    settings = request.app.state.settings
+    accepted = [settings.api_key, settings.admin_token] if settings.api_key else []
+    _check_bearer(request, [t for t in accepted if t], "api key")
 
 
 def require_admin(request: Request) -> None:
-    _check_bearer(request, request.app.state.settings.admin_token, "admin token")
+    """Changes to adapters (docs/auth.md): the admin token; with none set, the api key, so that
+    `--api-key` alone never leaves uploads and deletes open."""
+    settings = request.app.state.settings
+    token = settings.admin_token or settings.api_key
+    _check_bearer(request, [token] if token else [], "admin token" if settings.admin_token else "api key")
 
 
 async def synced_store(request: Request) -> None:
