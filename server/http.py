@@ -9,6 +9,8 @@
   `h11_max_incomplete_event_size` bounds their size, not their pace). So the protocol uvicorn would
   pick (httptools if installed, else h11) gets a timer from the connection's first byte, or a
   request's, until its headers are complete; past it the client gets 408 JSON and is disconnected.
+  A head still incomplete after MAX_HEAD_BYTES gets 431 the same way (httptools takes any size;
+  one that arrives whole in a single socket read, at most 256 KiB, is parsed as it is).
 - `Server`: when uvicorn's shutdown begins, /ready says draining and the in-flight generations get
   the `--shutdown-timeout-s` deadline (server/api/drain.py); uvicorn waits a little longer, so it
   never has to cancel a request that has not answered.
@@ -29,6 +31,7 @@ from server.config import Settings
 
 DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
 UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their own limit
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers (httptools has no bound; h11's is 16 KiB)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
@@ -149,6 +152,7 @@ class _HeaderTimeout:
 
     header_timeout_s: float
     _header_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0  # received of the head still incomplete
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -157,10 +161,15 @@ class _HeaderTimeout:
     def data_received(self, data: bytes) -> None:
         before = self.cycle
         super().data_received(data)
-        if self.cycle is not before:
+        if self.cycle is not before:  # a head is complete
             self._disarm_header_timer()
-        elif self.cycle is None or self.cycle.response_complete:  # bytes of a next request
+            self._head_bytes = 0
+        elif before is None or before.response_complete:  # bytes of a head still incomplete
             self._arm_header_timer()
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                             f"headers: expected a request head of at most {MAX_HEAD_BYTES} bytes, got more")
 
     def connection_lost(self, exc) -> None:
         self._disarm_header_timer()
@@ -179,9 +188,14 @@ class _HeaderTimeout:
         self._header_timer = None
         if self.transport.is_closing() or not (self.cycle is None or self.cycle.response_complete):
             return
-        message = f"headers: expected a complete request head within {self.header_timeout_s:g}s (--header-timeout-s), got part of one"
-        body = json.dumps({"error": {"type": "request_timeout", "message": message}}).encode()
-        head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        self._refuse(b"408 Request Timeout", "request_timeout", f"headers: expected a complete request head "
+                     f"within {self.header_timeout_s:g}s (--header-timeout-s), got part of one")
+
+    def _refuse(self, status: bytes, type_: str, message: str) -> None:
+        """Answer a request whose head never completed with a JSON error, and hang up."""
+        self._disarm_header_timer()
+        body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+        head = (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")
         self.transport.write(head + body)
         self.transport.close()

@@ -3,6 +3,7 @@ must not stall anyone else (tokenized off the event loop). Served as `python -m 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -101,3 +102,19 @@ def test_huge_prompt_does_not_stall_health(tmp_path):
         caller.join(120)
         assert result["r"].status_code == 400 and "the model's context" in result["r"].json()["error"]["message"]
         assert answered >= 3 and slowest < 1.0, (answered, slowest)
+
+
+def test_oversized_headers_get_431(srv):
+    """A head still incomplete past 64 KiB, sent in pieces as they are read: refused, not buffered."""
+    url = urlparse(srv.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        for _ in range(64):  # up to 1 MiB of headers
+            s.sendall(b"x-pad: " + b"a" * 16384 + b"\r\n")
+            if select.select([s], [], [], 0.05)[0]:
+                break
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status, error = status_and_error(answer)
+    assert status == 431 and error["type"] == "headers_too_large"
