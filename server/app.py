@@ -147,6 +147,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(request.url.path, exc.status_code, "http_error", str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: Starlette logs it with its traceback; the client still gets JSON, not plain text."""
+        return error_response(request.url.path, 500, HotswapError.type,
+                              f"internal error ({type(exc).__name__}); the server log has the details")
+
 
 def _describe(exc: RequestValidationError) -> str:
     """One line per problem: where, what was expected, what came."""

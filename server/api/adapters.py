@@ -19,9 +19,10 @@ from server.errors import ForbiddenError, InvalidRequestError
 from server.store import check_name
 from server.upload import receive, unpack
 
-router = APIRouter(dependencies=[Depends(synced_store)])
-admin = [Depends(require_admin)]
-reader = [Depends(require_api_key)]  # adapter names and records are the api key's to read (docs/auth.md)
+router = APIRouter()
+# The token first (docs/auth.md: records are the api key's to read), then a shared store is re-read.
+admin = [Depends(require_admin), Depends(synced_store)]
+reader = [Depends(require_api_key), Depends(synced_store)]
 
 
 def _registry(request: Request) -> Registry:

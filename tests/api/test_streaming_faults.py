@@ -136,3 +136,16 @@ def test_past_the_shutdown_timeout_clients_get_503_not_a_plain_500(tmp_path):
         assert "--shutdown-timeout-s" in plain["r"].json()["error"]["message"]
         assert r.status_code == 200 and events[-1]["error"]["type"] == "shutting_down"
         wait_until(lambda: s.app.state.registry.get("qv").record()["in_use"] == 0, what="in_use 0")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bug_is_answered_as_json_500(srv, monkeypatch, stream):
+    async def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(srv.app.state.generation, "tokenize", broken)
+    with srv.client() as c:
+        r = c.post("/generate?adapter=qv", json={"prompt": "hi", "stream": stream})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "internal_error" and "RuntimeError" in r.json()["error"]["message"]
+    assert in_use(srv) == 0
