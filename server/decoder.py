@@ -10,14 +10,18 @@ honouring what the model passes it: `scaling`, GQA, `sliding_window`, `softcap`.
 
 No mask function is registered: transformers builds no mask for an attention implementation
 without one (masking_utils `_preprocess_mask_arguments` returns None), so it spends nothing on
-masks we would not read; ours come from the `StepShape`, per sliding window once per forward.
+masks we would not read; ours come from the `StepShape`, per sliding window once per forward,
+and none at all when the rows are aligned (a prefill from position 0, a decode step of rows of one
+length): SDPA then runs its mask-free kernels.
 
 Adapter wrappers installed on the model's modules (LoRA) take effect because its modules are
 called; bottleneck adapters join at the residual points of `server/residual.py`.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,9 @@ __all__ = ["ATTENTION", "PLAIN", "Decoder", "ResidualHooks", "Step", "StepShape"
 
 ATTENTION = "hotswap"  # the attn_implementation name the base model is switched to
 STEP = "hotswap_step"  # the forward keyword that carries the Step down to `attention`
+# transformers' per-call wrappers that do nothing at inference: (wrapper function, its file)
+INFERENCE_NOOPS = {("wrapped_func", "deprecation.py"),  # deprecate_kwarg: renames a kwarg we never pass
+                   ("forward_with_checkpointing", "modeling_layers.py")}  # gradient checkpointing (training only)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class StepShape:
     positions: Tensor  # [N, L] long
     mask: Tensor  # [N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t
     span: int  # T: keys attended (max over rows of starts + L)
+    aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: `mask` is plain causal
 
     @staticmethod
     def build(row0: int, starts: list[int], length: int, device: torch.device) -> "StepShape":
@@ -55,7 +63,8 @@ class StepShape:
         span = max(starts) + length
         keys = torch.arange(span, device=device)  # [T]
         mask = keys[None, None, :] <= positions[:, :, None]  # [N, L, T]
-        return StepShape(row0, start_t, positions, mask[:, None], span)
+        aligned = min(starts) == max(starts) and (length == 1 or starts[0] == 0)
+        return StepShape(row0, start_t, positions, mask[:, None], span, aligned)
 
 
 @dataclass
@@ -66,10 +75,13 @@ class Step:
     cache: KVCache
     windowed: dict[int, Tensor] = field(default_factory=dict)
 
-    def mask(self, sliding_window: int | None) -> Tensor:
-        """[N, 1, L, T] bool; with a window W, key j is seen by position p iff p - W < j <= p."""
+    def mask(self, sliding_window: int | None) -> Tensor | None:
+        """[N, 1, L, T] bool; with a window W, key j is seen by position p iff p - W < j <= p.
+
+        None where the mask is plain causal over T == L keys, or L == 1 and every key is seen: SDPA
+        then needs none (its faster mask-free kernels; `is_causal` when L > 1)."""
         if sliding_window is None or sliding_window >= self.shape.span:
-            return self.shape.mask
+            return None if self.shape.aligned else self.shape.mask
         if sliding_window not in self.windowed:
             keys = torch.arange(self.shape.span, device=self.shape.positions.device)  # [T]
             recent = keys[None, None, :] > self.shape.positions[:, :, None] - sliding_window  # [N, L, T]
@@ -99,12 +111,13 @@ def attention(
     shape = step.shape
     keys, values = step.cache.write(module.layer_idx, shape.row0, shape.starts, key, value, shape.span)  # [N, Hkv, T, D]
     mask = step.mask(sliding_window)
-    if softcap is None:
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=keys.shape[1] != query.shape[1]
-        )  # [N, Hq, L, D]
+    if softcap is not None:
+        out = _softcapped(query, keys, values, shape.mask if mask is None else mask, scaling, softcap)
     else:
-        out = _softcapped(query, keys, values, mask, scaling, softcap)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=mask is None and query.shape[2] > 1, scale=scaling,
+            enable_gqa=keys.shape[1] != query.shape[1],
+        )  # [N, Hq, L, D]
     return out.transpose(1, 2), None
 
 
@@ -130,6 +143,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module, residual: ResidualPoints | None) -> None:
         model.set_attn_implementation(ATTENTION)
+        _skip_inference_noops(model.base_model)
         self.model = model
         self.residual = residual  # None: no bottleneck adapters on this family
         cfg = model.config
@@ -161,3 +175,22 @@ class Decoder:
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
+
+
+def _skip_inference_noops(base_model: nn.Module) -> None:
+    """Bind each submodule's forward past the INFERENCE_NOOPS wrappers around it (the decoder layers' and
+    attention modules', one to three calls each per layer and step: ~10 % of a small model's decode step
+    on a CPU). The base model's own forward keeps its decorators, which do work (defaults, outputs)."""
+    for module in base_model.modules():
+        if module is base_model:
+            continue
+        forward = type(module).forward
+        while getattr(forward, "__wrapped__", None) is not None and _is_noop(forward):
+            forward = forward.__wrapped__
+        if forward is not type(module).forward:
+            module.forward = types.MethodType(forward, module)
+
+
+def _is_noop(function) -> bool:
+    code = function.__code__
+    return (code.co_name, Path(code.co_filename).name) in INFERENCE_NOOPS
