@@ -23,6 +23,7 @@ class ServerOptions:
     max_resident_adapters: int = 8
     host: str = "127.0.0.1"
     repo: Path = REPO_ROOT  # the checkout whose `server` package runs (load_tests.ab compares two)
+    extra: tuple[str, ...] = ()  # more server flags, e.g. ("--prefill-chunk-tokens", "4096")
 
 
 def free_port(host: str) -> int:
@@ -44,7 +45,7 @@ def server_command(options: ServerOptions, store: Path, port: int) -> list[str]:
     ]
     for name, folder in options.adapters.items():
         command += ["--adapter", f"{name}={folder}"]
-    return command
+    return command + list(options.extra)
 
 
 class SpawnedServer:

@@ -3,7 +3,8 @@ steps, so the streams already decoding never stall behind it for its whole prefi
 
 One such prompt is in progress at a time, in the cache's last row (admission counts every chunked
 request as a running row, so the batch's compact rows never reach it); the others queue here in
-arrival order. When its last chunk is in, the row's KV moves to the end of the batch and it joins
+arrival order. While no row decodes, the chunks are --max-prefill-tokens long: nobody waits on them.
+When its last chunk is in, the row's KV moves to the end of the batch and it joins
 with the first token sampled from the last chunk's logits. Requests that score their prompt
 (`prompt_logprobs`) are prefilled in one piece, as before.
 """
@@ -12,10 +13,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from server.engine.prefill import Prefiller
 from server.engine.request import Request
+
+
+def chunk_tokens(setting: int, device: torch.device) -> int:
+    """0 (auto): 512 on CUDA; 32 on CPU, where a 32-token chunk of the 75M bench model costs about
+    two 8-row decode steps (BENCHMARKS.md), which keeps a decoding stream's largest gap near 3x."""
+    return setting or (512 if device.type == "cuda" else 32)
 
 
 @dataclass
@@ -34,10 +42,11 @@ class Prefilled:
 
 
 class ChunkedPrefill:
-    def __init__(self, prefiller: Prefiller, row: int, chunk_tokens: int) -> None:
+    def __init__(self, prefiller: Prefiller, row: int, chunk_tokens: int, alone_tokens: int) -> None:
         self.prefiller = prefiller
         self.row = row
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens = chunk_tokens  # per step while other rows decode
+        self.alone_tokens = max(alone_tokens, chunk_tokens)  # per step when no row decodes: nobody to stall
         self.queue: deque[Request] = deque()
         self.active: InProgress | None = None
 
@@ -70,9 +79,9 @@ class ChunkedPrefill:
         req, self.active = (self.active.req if self.active else None), None
         return req
 
-    def step(self) -> Prefilled | None:
-        """Feed the next chunk of the request in progress (starting the next one if none); its
-        result once the whole prompt is in."""
+    def step(self, alone: bool) -> Prefilled | None:
+        """Feed the next chunk of the request in progress (starting the next one if none), a larger
+        one when no row is decoding (`alone`); its result once the whole prompt is in."""
         if self.active is None:
             if not self.queue:
                 return None
@@ -80,7 +89,8 @@ class ChunkedPrefill:
         job = self.active
         if job.inputs is None:
             job.start, job.inputs = self.prefiller.begin_row(job.req, self.row)
-        chunk, job.inputs = job.inputs[: self.chunk_tokens], job.inputs[self.chunk_tokens :]  # [C, H], [L - C, H]
+        size = self.alone_tokens if alone else self.chunk_tokens
+        chunk, job.inputs = job.inputs[:size], job.inputs[size:]  # [C, H], [L - C, H]
         logits = self.prefiller.prefill_chunk(job.req, self.row, job.start, chunk)
         job.start += chunk.shape[0]
         if job.inputs.shape[0]:

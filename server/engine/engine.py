@@ -29,7 +29,7 @@ from torch import Tensor
 from server.engine.batch import Batch, scored_rows
 from server.engine.cache import KVCache
 from server.engine.calls import EngineCalls
-from server.engine.chunks import ChunkedPrefill
+from server.engine.chunks import ChunkedPrefill, chunk_tokens
 from server.engine.clock import AdapterClock
 from server.engine.faults import describe, failed, non_finite
 from server.engine.logprobs import TokenLogprob, token_logprobs
@@ -65,11 +65,6 @@ class EngineSettings:
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
 
 
-def chunk_tokens(setting: int, device: torch.device) -> int:
-    """0 (auto): 512 on CUDA; 64 on CPU, where a 64-token chunk costs about one 8-row decode step."""
-    return setting or (512 if device.type == "cuda" else 64)
-
-
 class Engine:
     def __init__(
         self,
@@ -88,7 +83,8 @@ class Engine:
         self.clock = AdapterClock(base.device)
         self.prefiller = Prefiller(base, cache, settings)
         self.chunked = ChunkedPrefill(self.prefiller, settings.max_batch_size - 1,
-                                      chunk_tokens(settings.prefill_chunk_tokens, base.device))
+                                      chunk_tokens(settings.prefill_chunk_tokens, base.device),
+                                      settings.max_prefill_tokens)
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -271,7 +267,7 @@ class Engine:
     def _prefill_chunk(self) -> None:
         """One chunk of the long prompt in progress; once it is all in, the row joins the batch."""
         try:
-            done = self.chunked.step()
+            done = self.chunked.step(alone=not self.batch)
         except Exception as exc:  # noqa: BLE001 - this request's fault
             req = self.chunked.drop_active()
             if req is not None:
