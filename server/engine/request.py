@@ -69,5 +69,9 @@ class Request:
         return f"merged:{self.adapter.name}" if self.mode == "merged" and self.adapter else "shared"
 
     def emit(self, event: Event) -> None:
-        """Thread-safe: hand an event to the request's asyncio queue."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        """Thread-safe: hand an event to the request's asyncio queue (dropped if its loop has closed:
+        nobody is left to read it, and the engine thread must not die of it)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # "Event loop is closed"
+            self.cancelled = True
