@@ -83,21 +83,29 @@ def load_base_model(model_dir: Path | None, device: str = "auto", dtype: str = "
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dt).to(dev)
-    hf.eval().requires_grad_(False)
-    if onednn and dev.type == "cpu" and dt == torch.float32:
-        log.info("oneDNN matmul for %d linear layers", use_onednn_linears(hf))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    decoder = Decoder(hf, RESIDUAL_POINTS.get(config.model_type))
+    base = base_from_hf(folder.name, hf, tokenizer, onednn)
     log.info("loaded %s (%s, %s params) on %s as %s", folder, config.model_type, _param_count(hf), dev, dt)
+    return base
+
+
+def base_from_hf(name: str, hf: nn.Module, tokenizer: PreTrainedTokenizerBase, onednn: bool = True) -> BaseModel:
+    """Freeze a causal LM of a supported family already on its device (load_tests.gpu builds one
+    in memory) and wrap it for serving."""
+    _check_supported(hf.config)
+    param = next(hf.parameters())
+    hf.eval().requires_grad_(False)
+    if onednn and param.device.type == "cpu" and param.dtype == torch.float32:
+        log.info("oneDNN matmul for %d linear layers", use_onednn_linears(hf))
     return BaseModel(
-        name=folder.name,
+        name=name,
         hf=hf,
-        decoder=decoder,
+        decoder=Decoder(hf, RESIDUAL_POINTS.get(hf.config.model_type)),
         tokenizer=tokenizer,
-        geometry=_geometry(config),
+        geometry=_geometry(hf.config),
         eos_ids=_eos_ids(hf, tokenizer),
-        device=dev,
-        dtype=dt,
+        device=param.device,
+        dtype=param.dtype,
         lora_ctx=LoraContext(),
     )
 
