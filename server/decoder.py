@@ -146,6 +146,10 @@ class Decoder:
         _skip_inference_noops(model.base_model)
         self.model = model
         self.residual = residual  # None: no bottleneck adapters on this family
+        # transformers' get_*_embeddings walk the model (~13 us each): resolve them once. The input
+        # embedding is never wrapped (LoRA wraps Linear/Conv1D); the head is, so it is found by name.
+        self.embedding = model.get_input_embeddings()
+        self.head = next(name for name, m in model.named_modules() if m is model.get_output_embeddings())
         cfg = model.config
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)  # gemma2, gemma3
         self.logits_scaling = getattr(cfg, "logits_scaling", None)  # granite: logits / scaling
@@ -153,7 +157,7 @@ class Decoder:
     def embed(self, ids: Tensor) -> Tensor:
         """ids: [..] -> [.., H], what the model's input embedding gives (any scale inside the model's
         forward, e.g. gemma2's sqrt(H), is applied there, to soft-prompt embeddings too, as in PEFT)."""
-        return self.model.get_input_embeddings()(ids)
+        return self.embedding(ids)
 
     def forward(self, x: Tensor, shape: StepShape, cache: KVCache, hooks: ResidualHooks = PLAIN) -> Tensor:
         """x: [N, L, H] input embeddings -> [N, L, H] final hidden states (after the final norm)."""
@@ -169,7 +173,7 @@ class Decoder:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, H] (from `forward`) -> [N, V] float32, through the head as the model's own forward."""
-        logits = self.model.get_output_embeddings()(hidden)
+        logits = self.model.get_submodule(self.head)(hidden)
         if self.logits_scaling is not None:
             logits = logits / self.logits_scaling
         if self.final_softcap is not None:
