@@ -24,7 +24,7 @@ from pathlib import Path
 from load_tests.bench import server_options
 from load_tests.client import HotswapClient
 from load_tests.layout import DEFAULT_MODELS_DIR, BenchLayout
-from load_tests.runner import run_scenario, wait_ready
+from load_tests.runner import register_missing, run_scenario, wait_ready
 from load_tests.scenarios import ALL_SCENARIOS, Scenario, ScenarioSettings, build_scenarios
 from load_tests.server_process import SpawnedServer
 
@@ -47,14 +47,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def interleave(urls: dict[str, str], scenarios: list[Scenario], rounds: int,
-                     timeout_s: float) -> dict[str, dict[str, list[float]]]:
+async def interleave(urls: dict[str, str], scenarios: list[Scenario], rounds: int, timeout_s: float,
+                     layout: BenchLayout) -> dict[str, dict[str, list[float]]]:
     """tokens/s per scenario per side, one value per round."""
     clients = {side: HotswapClient(url, timeout_s=timeout_s) for side, url in urls.items()}
     out: dict[str, dict[str, list[float]]] = {s.name: {side: [] for side in SIDES} for s in scenarios}
     try:
         for client in clients.values():
             await wait_ready(client, 600, lambda: None)
+            for scenario in scenarios:
+                await register_missing(client, layout, sorted(scenario.adapters()))
         for r in range(rounds):
             for scenario in scenarios:
                 for side in SIDES if r % 2 == 0 else SIDES[::-1]:
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         servers = {side: stack.enter_context(SpawnedServer(replace(base, repo=getattr(args, side).resolve())))
                    for side in SIDES}
         runs = asyncio.run(interleave({s: srv.url for s, srv in servers.items()}, scenarios, args.rounds,
-                                      args.request_timeout))
+                                      args.request_timeout, BenchLayout(args.models)))
     print(report(runs))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2) + "\n")

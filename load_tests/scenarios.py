@@ -26,7 +26,7 @@ DEFAULT_SCENARIOS = (
     "base", "lora-mixed", "lora-merged", "lora-unmerged", "prompt",
     "bottleneck", "all-kinds", "lora-32x8", "ramp",
 )
-ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn")
+ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-32", "lora-32x32")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ def _plans() -> dict[str, Plan]:
             (PROMPT_ADAPTER, None), (SEQ_BN_ADAPTER, None), (DOUBLE_SEQ_BN_ADAPTER, None), (None, None),
         ],
         "lora-32x8": [_lora(i, UNMERGED) for i in range(32)],
+        "base-32": [(None, None)] * 32,
+        "lora-32x32": [(lora_name(i), UNMERGED) for i in range(32)],  # 32 distinct: needs --churn files
         "churn": [(name, UNMERGED) for name in lora_names(CHURN_LORAS)],
     }
 
@@ -80,6 +82,8 @@ def _scenario(name: str, plan: Plan, settings: ScenarioSettings) -> Scenario:
         GenerateRequest(adapter, make_prompt(i, settings.seed), settings.max_new_tokens, mode)
         for i, (adapter, mode) in enumerate(plan)
     )
+    if name == "lora-32x32":
+        return Scenario(name, requests, uploads=tuple(lora_names(32)[RESIDENT_LORAS:]))
     if name == "churn":
         return Scenario(name, requests, warm=False, uploads=tuple(lora_names(CHURN_LORAS)[RESIDENT_LORAS:]))
     return Scenario(name, requests)

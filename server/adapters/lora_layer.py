@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 ONE_THREAD_MAX_TOKENS = 64  # CPU deltas over at most this many tokens run on one thread (see apply)
+ONE_THREAD_MAX_WEIGHTS = 256 * 1024  # ... and over at most this many A+B elements (1 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,15 @@ class ModuleDelta:
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
         """Add the delta to `out` = base_layer(x) in place and return it.
 
-        Few tokens on the CPU (decode): one thread. At these sizes OpenMP's fan-out costs more
-        than the products; measured in the engine thread on the 75M bench model, 8 rows of 8
-        adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms with 1 (BENCHMARKS.md).
+        Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
+        sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
+        75M bench model, 8 rows of 8 adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms
+        with 1. With many distinct adapters the stacked weights no longer sit in cache and streaming
+        them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one thread
+        (BENCHMARKS.md); both threads then.
         """
-        if not (x.is_cpu and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
+        small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
+        if not (x.is_cpu and small and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
             return self._apply(x, out, base_bias)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
