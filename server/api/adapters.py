@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from server.adapters.registry import Registry
 from server.api.deps import require_admin, require_api_key, synced_store
-from server.errors import ForbiddenError, InvalidRequestError
+from server.errors import ForbiddenError, InvalidRequestError, clip
 from server.store import check_name
 from server.upload import receive, unpack
 
@@ -119,7 +119,8 @@ def _allowed_folder(allowed: Path | None, given: str) -> Path:
     root = allowed.resolve()
     path = (root / given).resolve()  # an absolute `given` replaces root
     if not path.is_relative_to(root):
-        raise ForbiddenError(f"lora_path: expected a folder inside --allowed-local-dir {str(root)!r}, got {given!r}")
+        raise ForbiddenError(f"lora_path: expected a folder inside --allowed-local-dir (a path relative to it), "
+                             f"got {clip(given)}")  # the server's own folder is not shown to clients
     if not path.is_dir():
         raise InvalidRequestError(f"lora_path: expected an adapter folder, got {'a file' if path.exists() else 'no such path'}: {given!r}")
     return path

@@ -234,6 +234,7 @@ def test_vllm_load_refuses_paths(srv, admin, path, status, needle):
     r = admin.post("/v1/load_lora_adapter", json={"lora_name": "nope", "lora_path": path})
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
+    assert str(srv.app.state.settings.allowed_local_dir.resolve()) not in r.text  # no server paths shown
     assert _snapshot(srv, admin) == before
 
 
