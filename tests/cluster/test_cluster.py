@@ -178,7 +178,7 @@ def test_killed_replica_is_restarted_and_only_its_in_flight_requests_fail(cluste
     after = [_generate(url, name, prompts[0]) for name in ("", "prompt-16", "seq_bn-rf16")]
     assert [r.status_code for r in after] == [200, 200, 200]
     assert after[1].json()["token_ids"] == _expected("prompt-16")[0]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240  # a restart loads torch and the model anew: slow when the 2 cores are busy
     while len(_replica_pids()) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert len(_replica_pids()) == 2 and pids[0] not in _replica_pids()
