@@ -47,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def in_turn(sides: Sequence, round_index: int) -> list:
+    """The order of the sides in a round: alternating which goes first, so drift cancels."""
+    return list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+
+
 async def interleave(urls: dict[str, str], scenarios: list[Scenario], rounds: int, timeout_s: float,
                      layout: BenchLayout) -> dict[str, dict[str, list[float]]]:
     """tokens/s per scenario per side, one value per round."""
@@ -59,7 +64,7 @@ async def interleave(urls: dict[str, str], scenarios: list[Scenario], rounds: in
                 await register_missing(client, layout, sorted(scenario.adapters()))
         for r in range(rounds):
             for scenario in scenarios:
-                for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                for side in in_turn(SIDES, r):
                     result = await run_scenario(clients[side], scenario, 1)
                     if result.errors:
                         raise RuntimeError(f"{side} {scenario.name}: {result.error_samples}")

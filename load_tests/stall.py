@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
+from load_tests.ab import in_turn
 from load_tests.bench import server_options
 from load_tests.client import GenerateRequest, HotswapClient
 from load_tests.layout import DEFAULT_MODELS_DIR, BenchLayout
@@ -64,7 +65,7 @@ async def interleave(urls: dict[int, str], args: argparse.Namespace) -> dict[int
             await wait_ready(client, 600, lambda: None)
             await one_round(client, 2, args.prompt_tokens, seed=99)  # warm-up: the cache grows to the long row
         for r in range(args.rounds):
-            for chunk in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+            for chunk in in_turn(urls, r):
                 worst, ttft = await one_round(clients[chunk], args.streams, args.prompt_tokens, seed=r)
                 out[chunk].append((worst, ttft))
                 print(f"round {r + 1} chunk {chunk or 'auto'}: max gap {worst:.1f}x median, long TTFT {ttft:.2f}s",
