@@ -2,7 +2,8 @@
 
 Read on the event loop at each scrape, from what the engine thread writes: the running rows and
 the waiting queue are copied in one step each (a list or deque copy does not interleave with the
-engine thread's appends), so a sample may be one step old, never torn.
+engine thread's appends), so a sample may be one step old, never torn. A request the engine has not
+yet taken in from its inbox is not counted until the next step.
 """
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from server.metrics import GatewayState
 
 
 def gateway_state(engine: Engine, registry: Registry) -> GatewayState:
-    rows = list(engine.batch.rows)
-    queued = list(engine.scheduler.waiting)
+    rows = list(engine.batch.rows) + engine.chunked.requests()  # a prompt being prefilled in chunks runs
+    queued = list(engine.scheduler.waiting)  # waiting count and adapters from this one copy, so they agree
     resident = {e.name for e in registry.all() if e.adapter is not None}
     running = resident | {r.adapter.name for r in rows if r.adapter is not None}
     waiting = {r.adapter.name for r in queued if r.adapter is not None}
     reserved = sum(reserved_tokens(r) for r in rows)
     # max_lora: resident slots; unbounded (0), at most one adapter per row of a batch
     max_lora = registry.max_resident or engine.settings.max_batch_size
-    return GatewayState(running=len(rows), waiting=engine.waiting, kv_usage=reserved / engine.settings.max_batch_tokens,
+    return GatewayState(running=len(rows), waiting=len(queued), kv_usage=reserved / engine.settings.max_batch_tokens,
                         running_adapters=tuple(sorted(running)), waiting_adapters=tuple(sorted(waiting)),
                         max_lora=max_lora)
