@@ -54,8 +54,9 @@ class ChunkedPrefill:
         return len(self.queue) + (self.active is not None)
 
     def requests(self) -> list[Request]:
-        """Every request here, the one in progress first."""
-        return ([self.active.req] if self.active else []) + list(self.queue)
+        """Every request here, the one in progress first (also read by metrics scrapes on the event loop)."""
+        active = self.active  # read once: the engine thread may clear it meanwhile
+        return ([active.req] if active else []) + list(self.queue)
 
     def wants(self, req: Request) -> bool:
         return self.prefiller.new_len(req) > self.chunk_tokens and req.params.prompt_logprobs is None

@@ -3,7 +3,8 @@
 Loop: run the calls other threads handed in (adapter placement, DoRA norms), take new requests,
 let the scheduler pick who joins (switching merged phases when the batch is empty), prefill the
 joiners together (prompts longer than a chunk: one chunk per iteration, server/engine/chunks.py),
-run one decode step for every row, emit tokens to each request's asyncio queue, drop finished rows. The event loop only submits requests and awaits their events.
+run one decode step for every row, emit tokens to each request's asyncio queue, drop finished rows.
+The event loop only submits requests and awaits their events.
 
 Faults stay with their request. Whatever raises while admitting, prefilling, decoding or
 sampling a row ends that request with a typed error (its row freed, its adapter released) and
@@ -197,10 +198,13 @@ class Engine:
             with self._lock:
                 self._pending -= len(joiners)
             self._joining = joiners
-            ready = self._set_up(joiners)
-            for req in (r for r in ready if self.chunked.wants(r)):
-                self.chunked.add(req)
-            self._prefill([r for r in ready if not self.chunked.wants(r)])
+            whole = []
+            for req in self._set_up(joiners):
+                if self.chunked.wants(req):
+                    self.chunked.add(req)
+                else:
+                    whole.append(req)
+            self._prefill(whole)
             self._joining = []
         if self.chunked:
             self._prefill_chunk()
