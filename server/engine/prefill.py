@@ -59,10 +59,8 @@ class Prefiller:
         length = max(x.shape[0] for x in inputs)
         x = torch.stack([_pad(t, length) for t in inputs])  # [N, L, H]
         self.cache.ensure(max(starts) + length)
-        for i, req in enumerate(group):
-            if starts[i]:  # soft prompt with the prefix cache: its virtual tokens' KV go first
-                prefix = self.prefix_of(_prompt_adapter(req))
-                self.cache.load_prefix(row0 + i, prefix.keys, prefix.values)
+        for i, (req, start) in enumerate(zip(group, starts)):
+            self._load_prefix(req, row0 + i, start)
         shape = StepShape.build(row0, list(starts), length, self.base.device)
         plans = Plans.build(group)
         self.lora_ctx.plan = plans.lora
@@ -91,10 +89,14 @@ class Prefiller:
         loaded; -> (positions cached so far, the input embeddings still to feed [L, H])."""
         start, x = self._row_input(req)
         self.cache.ensure(start + x.shape[0])
+        self._load_prefix(req, row, start)
+        return start, x
+
+    def _load_prefix(self, req: Request, row: int, start: int) -> None:
+        """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first."""
         if start:
             prefix = self.prefix_of(_prompt_adapter(req))
             self.cache.load_prefix(row, prefix.keys, prefix.values)
-        return start, x
 
     def prefill_chunk(self, req: Request, row: int, start: int, x: Tensor) -> Tensor:
         """x: [L, H] the next chunk of one row's inputs, fed at positions start.. of cache `row`
