@@ -62,14 +62,17 @@ class Prefiller:
         for i, (req, start) in enumerate(zip(group, starts)):
             self._load_prefix(req, row0 + i, start)
         shape = StepShape.build(row0, list(starts), length, self.base.device)
-        plans = Plans.build(group)
-        self.lora_ctx.plan = plans.lora
-        hidden = self.decoder.forward(x, shape, self.cache, plans.residual)  # [N, L, H]
+        hidden = self._forward(x, shape, Plans.build(group))  # [N, L, H]
         last = torch.tensor([t.shape[0] - 1 for t in inputs], device=x.device)  # [N]
         logits = self.decoder.logits(hidden[torch.arange(len(group), device=x.device), last])  # [N, V]
         scores = [self._score_prompt(req, hidden[i, : t.shape[0]]) if req.params.prompt_logprobs is not None else None
                   for i, (req, t) in enumerate(zip(group, inputs))]
         return [s + t.shape[0] for s, t in zip(starts, inputs)], logits, scores
+
+    def _forward(self, x: Tensor, shape: StepShape, plans: Plans) -> Tensor:
+        """x: [N, L, H] -> [N, L, H]: every forward over the cache, with the rows' adapter plans in place."""
+        self.lora_ctx.plan = plans.lora
+        return self.decoder.forward(x, shape, self.cache, plans.residual)
 
     def _score_prompt(self, req: Request, hidden: Tensor) -> list[TokenLogprob]:
         """hidden: [L, H] of one row, its real prompt last (after any virtual tokens) -> scores of prompt tokens 1.."""
@@ -101,10 +104,8 @@ class Prefiller:
     def prefill_chunk(self, req: Request, row: int, start: int, x: Tensor) -> Tensor:
         """x: [L, H] the next chunk of one row's inputs, fed at positions start.. of cache `row`
         -> the logits after its last token [1, V]."""
-        plans = Plans.build([req])
-        self.lora_ctx.plan = plans.lora
         shape = StepShape.build(row, [start], x.shape[0], self.base.device)
-        hidden = self.decoder.forward(x[None], shape, self.cache, plans.residual)  # [1, L, H]
+        hidden = self._forward(x[None], shape, Plans.build([req]))  # [1, L, H]
         return self.decoder.logits(hidden[:, -1])
 
     def _row_input(self, req: Request) -> tuple[int, Tensor]:
@@ -134,13 +135,11 @@ class Prefiller:
         """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]; adapter time on `clock`."""
         shape = StepShape.build(0, batch.lengths, 1, self.base.device)
         plans = batch.plans()
-        self.lora_ctx.plan = plans.lora
-        residual = plans.residual
         if clock.active:
             self.lora_ctx.clock = clock
-            residual = residual if residual is PLAIN else TimedHooks(residual, clock)
+            plans = Plans(plans.lora, plans.residual if plans.residual is PLAIN else TimedHooks(plans.residual, clock))
         try:
-            hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, residual)  # [N, 1, H]
+            hidden = self._forward(self.decoder.embed(ids), shape, plans)  # [N, 1, H]
         finally:
             self.lora_ctx.clock = None
         return self.decoder.logits(hidden[:, 0])
@@ -148,10 +147,8 @@ class Prefiller:
     def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
         """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
         (the fault path: a step that raised is retried row by row to find the row at fault)."""
-        plans = Plans.build([batch.rows[i]])
-        self.lora_ctx.plan = plans.lora
         shape = StepShape.build(i, [batch.lengths[i]], 1, self.base.device)
-        hidden = self.decoder.forward(self.decoder.embed(ids), shape, self.cache, plans.residual)  # [1, 1, H]
+        hidden = self._forward(self.decoder.embed(ids), shape, Plans.build([batch.rows[i]]))  # [1, 1, H]
         return self.decoder.logits(hidden[:, 0])
 
 
