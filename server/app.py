@@ -112,6 +112,7 @@ def _engine_settings(s: Settings) -> EngineSettings:
         phase_quantum_s=s.phase_quantum_s,
         prefix_cache=s.prefix_cache,
         prefill_chunk_tokens=s.prefill_chunk_tokens,
+        kv_block_tokens=s.kv_block_tokens,
     )
 
 

@@ -3,9 +3,9 @@
 The model runs as transformers wrote it (embedding scale, rotary and its scaling, q/k norms,
 biases, fused projections, MoE routing, sandwich norms), with one attention implementation of
 ours registered through transformers' attention interface under the name "hotswap". Each
-forward passes a `Step` (the `StepShape` and the cache) as a keyword argument, which
-transformers hands down to every attention call; `attention` writes the layer's new k/v into
-our cache at each row's own positions and attends over the cached span with the row's mask,
+forward passes a `Step` (the `StepShape` and the paged cache, engine/cache.py) as a keyword
+argument, which transformers hands down to every attention call; `attention` writes the layer's
+new k/v into the rows' blocks and attends over the rows' cached span with their mask,
 honouring what the model passes it: `scaling`, GQA, `sliding_window`, `softcap`.
 
 No mask function is registered: transformers builds no mask for an attention implementation
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
-from server.engine.cache import KVCache
+from server.engine.cache import KVCache, StepShape
 from server.residual import PLAIN, ResidualHooks, ResidualPoints
 
 __all__ = ["ATTENTION", "PLAIN", "Decoder", "ResidualHooks", "Step", "StepShape", "attention"]
@@ -38,33 +38,6 @@ STEP = "hotswap_step"  # the forward keyword that carries the Step down to `atte
 # transformers' per-call wrappers that do nothing at inference: (wrapper function, its file)
 INFERENCE_NOOPS = {("wrapped_func", "deprecation.py"),  # deprecate_kwarg: renames a kwarg we never pass
                    ("forward_with_checkpointing", "modeling_layers.py")}  # gradient checkpointing (training only)
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """Where a forward call reads and writes: rows [row0, row0+N) of the cache.
-
-    Row i already holds `starts[i]` cached positions; its L new tokens go to
-    positions starts[i] .. starts[i]+L-1 (trailing ones may be padding).
-    """
-
-    row0: int
-    starts: Tensor  # [N] long
-    positions: Tensor  # [N, L] long
-    mask: Tensor  # [N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t
-    span: int  # T: keys attended (max over rows of starts + L)
-    aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: `mask` is plain causal
-
-    @staticmethod
-    def build(row0: int, starts: list[int], length: int, device: torch.device) -> "StepShape":
-        start_t = torch.tensor(starts, dtype=torch.long, device=device)  # [N]
-        offsets = torch.arange(length, device=device)  # [L]
-        positions = start_t[:, None] + offsets[None, :]  # [N, L]
-        span = max(starts) + length
-        keys = torch.arange(span, device=device)  # [T]
-        mask = keys[None, None, :] <= positions[:, :, None]  # [N, L, T]
-        aligned = min(starts) == max(starts) and (length == 1 or starts[0] == 0)
-        return StepShape(row0, start_t, positions, mask[:, None], span, aligned)
 
 
 @dataclass
@@ -109,7 +82,7 @@ def attention(
         raise ValueError(f"attention dropout {dropout}: the base model must be in eval mode")
     step = hotswap_step
     shape = step.shape
-    keys, values = step.cache.write(module.layer_idx, shape.row0, shape.starts, key, value, shape.span)  # [N, Hkv, T, D]
+    keys, values = step.cache.write(module.layer_idx, shape, key, value)  # [N, Hkv, T, D]
     mask = step.mask(sliding_window)
     if softcap is not None:
         out = _softcapped(query, keys, values, shape.mask if mask is None else mask, scaling, softcap)

@@ -169,6 +169,10 @@ class Metrics:
         self.requests_waiting = Gauge(
             "hotswap_requests_waiting",
             "Requests admitted but waiting for a batch slot or their merged phase.", registry=r)
+        self.kv_cache = Gauge(
+            "hotswap_kv_cache_bytes",
+            "KV-cache memory: `used` by the blocks rows hold now, `allocated` for the whole block pool.",
+            ("state",), registry=r)
         self.evictions = Counter(
             "hotswap_adapter_evictions_total",
             "Adapters evicted from the device to make room for another.", registry=r)
@@ -243,6 +247,11 @@ class Metrics:
         """The scheduler's current running batch size and waiting-queue length."""
         self.requests_running.set(running)
         self.requests_waiting.set(waiting)
+
+    def set_kv_cache(self, used_bytes: int, allocated_bytes: int) -> None:
+        """Bytes of the KV blocks rows hold, and of the block pool (held whether used or not)."""
+        self.kv_cache.labels("used").set(used_bytes)
+        self.kv_cache.labels("allocated").set(allocated_bytes)
 
     # -- engine steps ------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""The running batch: compact rows in the KV cache and their per-row adapter metadata.
+"""The running batch: its rows in step order and their per-row adapter metadata.
 
-Row i of every decode step is `rows[i]`; `lengths[i]` positions of it are cached.
+Row i of every decode step is `rows[i]`; `lengths[i]` positions of it are cached, in its blocks.
 The per-row adapter plans (LoRA deltas, bottleneck hooks) are built once per batch
 composition, not per step: `plans()` rebuilds them only after a join or a leave.
 """
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from server.adapters.bottleneck import BottleneckHooks
 from server.adapters.lora import LoraPlan
 from server.decoder import PLAIN, ResidualHooks
-from server.engine.cache import KVCache
 from server.engine.request import Request
 
 
@@ -42,8 +41,7 @@ def batch_kinds(rows: list[Request]) -> str:
 
 
 class Batch:
-    def __init__(self, cache: KVCache) -> None:
-        self.cache = cache
+    def __init__(self) -> None:
         self.rows: list[Request] = []
         self.lengths: list[int] = []
         self._plans: Plans | None = None
@@ -54,17 +52,16 @@ class Batch:
         return len(self.rows)
 
     def join(self, req: Request, length: int) -> None:
-        """Add a row whose cache row (index len(self)) already holds `length` positions."""
+        """Add a row whose blocks already hold `length` positions."""
         self.rows.append(req)
         self.lengths.append(length)
         self._plans = self._kinds = self._scored = None
 
     def leave(self, i: int) -> Request:
-        """Remove row i, moving the last row into its place."""
+        """Remove row i, moving the last row into its place (its blocks stay where they are)."""
         req = self.rows[i]
         last = len(self.rows) - 1
         if i != last:
-            self.cache.move_row(last, i, self.lengths[last])
             self.rows[i], self.lengths[i] = self.rows[last], self.lengths[last]
         self.rows.pop()
         self.lengths.pop()

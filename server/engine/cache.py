@@ -1,81 +1,188 @@
-"""The KV cache: one [rows, Hkv, T, D] tensor pair per layer, rows kept compact.
+"""The paged KV cache: fixed-size blocks in one pool, a block table per row.
 
-Running requests occupy rows 0..B-1 in join order; a finished row is filled by
-moving the last row into it, so a decode step always reads one contiguous slice.
-The time axis grows by doubling, up to the model's context length.
+Position p of a row lives in block `table.blocks[p // B]` at offset p % B (B = `block_tokens`).
+A row holds the blocks its tokens fill, so the memory held is proportional to the tokens held,
+whatever the lengths of the other rows; a row's blocks return to the pool when it ends.
+
+The pool is one tensor `[2 (k, v), layers, blocks, B, Hkv, D]`. Two blocks are never handed out:
+block 0 stays zeros and pads the tables of shorter rows when a step reads several rows at once;
+block 1 takes the writes of a prefill group's padding tokens, past a row's own blocks, and is never
+read. Blocks are zeroed when they return, so no row ever reads another request's values, even
+masked ones (a masked NaN would still poison the attention product). On the CPU the pool starts small and doubles
+when it runs out; on CUDA `initial_blocks` is the whole budget, allocated once.
+
+A forward's `StepShape` (built by `step`) says where each new token is written (`slots`, flat
+indices into a layer's `[blocks * B, Hkv, D]`) and which blocks each row reads (`table`, padded
+with block 0). `write` stores a layer's new k/v and returns the keys/values the step attends
+over: the new ones themselves when every row starts at position 0, else the rows' blocks gathered
+into `[N, Hkv, T, D]` (on the CPU the fastest form measured, BENCHMARKS.md).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+NULL_BLOCK = 0  # read past a row's blocks: zeros
+SINK_BLOCK = 1  # written past a row's blocks (padding): never read
+CPU_INITIAL_BLOCKS = 64
+
+
+def initial_blocks(settings, max_len: int, device: torch.device) -> int:
+    """The pool's first size in blocks (settings: the EngineSettings). CUDA: all that admission can
+    ask for, allocated once (growing the pool copies it): --max-batch-tokens (or one context, admitted
+    alone), each row's last partial block, a prefill group's padding, the null block. CPU: 64 blocks,
+    doubling on demand."""
+    if torch.device(device).type != "cuda":
+        return CPU_INITIAL_BLOCKS
+    b = settings.kv_block_tokens
+    return (-(-max(settings.max_batch_tokens, max_len) // b) + settings.max_batch_size
+            + -(-settings.max_prefill_tokens // b) + 1)
+
+
+@dataclass(eq=False)
+class BlockTable:
+    """One row's blocks, in position order."""
+
+    blocks: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Where a forward call reads and writes: N rows, each with L new tokens.
+
+    Row i already holds `starts[i]` cached positions; its L new tokens go to
+    positions starts[i] .. starts[i]+L-1 (trailing ones may be padding).
+    """
+
+    starts: Tensor  # [N] long
+    positions: Tensor  # [N, L] long
+    mask: Tensor  # [N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t
+    span: int  # T: keys attended (max over rows of starts + L)
+    aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: `mask` is plain causal
+    slots: Tensor  # [N * L] long: where each new token's k/v goes in a layer's flat [blocks * B, Hkv, D]
+    table: Tensor | None  # [N, ceil(T / B)] long: the blocks each row reads; None when every row starts at 0
+
 
 class KVCache:
-    def __init__(
-        self,
-        n_layers: int,
-        n_kv_heads: int,
-        head_dim: int,
-        max_rows: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        initial_len: int = 256,
-    ) -> None:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device, block_tokens: int = 16, initial_blocks: int = CPU_INITIAL_BLOCKS) -> None:
         self.max_len = max_len
-        self.capacity = min(initial_len, max_len)
-        shape = (max_rows, n_kv_heads, self.capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.block_tokens = block_tokens
+        self.device = torch.device(device)
+        shape = (2, n_layers, max(initial_blocks, 3), block_tokens, n_kv_heads, head_dim)
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.free = list(range(self.n_blocks - 1, SINK_BLOCK, -1))  # a stack: lowest ids handed out first
 
-    def ensure(self, length: int) -> None:
-        """Grow the time axis so that `length` positions fit."""
-        if length <= self.capacity:
-            return
+    @property
+    def n_blocks(self) -> int:
+        return self.pool.shape[2]
+
+    @property
+    def blocks_used(self) -> int:
+        return self.n_blocks - 2 - len(self.free)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.pool[:, :, 0].numel() * self.pool.element_size()
+
+    def blocks_for(self, length: int) -> int:
+        return -(-length // self.block_tokens)
+
+    # ---- blocks ----------------------------------------------------------------------
+
+    def fit(self, table: BlockTable, length: int) -> None:
+        """Give the row enough blocks for `length` positions."""
         if length > self.max_len:
             raise ValueError(f"cache length {length} exceeds the context length {self.max_len}")
-        new_cap = min(max(length, 2 * self.capacity), self.max_len)
-        self.k = [self._grown(t, new_cap) for t in self.k]
-        self.v = [self._grown(t, new_cap) for t in self.v]
-        self.capacity = new_cap
+        need = self.blocks_for(length) - len(table.blocks)
+        if need <= 0:
+            return
+        if need > len(self.free):
+            self._grow(need - len(self.free))
+        table.blocks += [self.free.pop() for _ in range(need)]
 
-    @staticmethod
-    def _grown(t: Tensor, new_cap: int) -> Tensor:
-        rows, heads, cap, dim = t.shape
-        out = torch.zeros((rows, heads, new_cap, dim), dtype=t.dtype, device=t.device)
-        out[:, :, :cap] = t
-        return out
+    def release(self, table: BlockTable) -> None:
+        """Return all of a row's blocks."""
+        self._give_back(table.blocks)
+        table.blocks = []
 
-    def write(self, layer: int, row0: int, starts: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """Store k/v [N, Hkv, L, D] at positions starts[i].. of rows row0+i; return keys/values [N, Hkv, span, D]."""
-        n, _, length, _ = k.shape
-        kc = self.k[layer][row0 : row0 + n]  # [N, Hkv, cap, D] (view)
-        vc = self.v[layer][row0 : row0 + n]
-        if length == 1:
-            rows = torch.arange(n, device=k.device)
-            kc[rows, :, starts] = k[:, :, 0]
-            vc[rows, :, starts] = v[:, :, 0]
-        else:
-            for i, s in enumerate(starts.tolist()):
-                kc[i, :, s : s + length] = k[i]
-                vc[i, :, s : s + length] = v[i]
-        return kc[:, :, :span], vc[:, :, :span]
+    def _give_back(self, blocks: list[int]) -> None:
+        if blocks:
+            self.pool[:, :, blocks] = 0
+            self.free += reversed(blocks)
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of row src into row dst."""
-        for t in (*self.k, *self.v):
-            t[dst, :, :length] = t[src, :, :length]
+    def _grow(self, at_least: int) -> None:
+        """Double the pool (or more, to `at_least` new blocks); block ids stay valid."""
+        old = self.n_blocks
+        new = max(2 * old, old + at_least)
+        pool = self.pool.new_zeros((*self.pool.shape[:2], new, *self.pool.shape[3:]))
+        pool[:, :, :old] = self.pool
+        self.pool = pool
+        self.free = list(range(new - 1, old - 1, -1)) + self.free
 
-    def load_prefix(self, row: int, keys: list[Tensor], values: list[Tensor]) -> None:
+    # ---- one forward -----------------------------------------------------------------
+
+    def step(self, tables: list[BlockTable], starts: list[int], length: int,
+             ends: list[int] | None = None) -> StepShape:
+        """The shape of a forward feeding `length` tokens to each row after its `starts[i]` cached
+        positions. Row i's blocks are fitted to `ends[i]` first (default starts[i] + length); its
+        tokens at positions past that are padding, written to the sink block."""
+        ends = ends or [start + length for start in starts]
+        for table, end in zip(tables, ends):
+            self.fit(table, end)
+        device = self.device
+        start_t = torch.tensor(starts, dtype=torch.long, device=device)  # [N]
+        positions = start_t[:, None] + torch.arange(length, device=device)[None, :]  # [N, L]
+        span = max(starts) + length
+        keys = torch.arange(span, device=device)  # [T]
+        mask = keys[None, None, :] <= positions[:, :, None]  # [N, L, T]
+        aligned = min(starts) == max(starts) and (length == 1 or starts[0] == 0)
+        width = self.blocks_for(span)
+        rows = torch.tensor([t.blocks[:width] + [SINK_BLOCK] * (width - len(t.blocks[:width])) for t in tables],
+                            dtype=torch.long, device=device)  # [N, ceil(T / B)]
+        b = self.block_tokens
+        slots = (rows.gather(1, positions // b) * b + positions % b).reshape(-1)  # [N * L]
+        read = None if max(starts) == 0 else rows.masked_fill(rows == SINK_BLOCK, NULL_BLOCK)
+        return StepShape(start_t, positions, mask[:, None], span, aligned, slots, read)
+
+    def write(self, layer: int, shape: StepShape, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k/v [N, Hkv, L, D] at the step's slots; return the keys/values it attends over [N, Hkv, T, D]."""
+        n, heads, _, dim = k.shape
+        pool_k, pool_v = self.pool[0, layer], self.pool[1, layer]  # [blocks, B, Hkv, D]
+        for pool, new in ((pool_k, k), (pool_v, v)):
+            pool.view(-1, heads, dim).index_copy_(0, shape.slots, new.transpose(1, 2).reshape(-1, heads, dim))
+        if shape.table is None:  # every row starts at 0: the new k/v are all there is
+            return k, v
+        return self._gather(pool_k, shape), self._gather(pool_v, shape)
+
+    def _gather(self, pool: Tensor, shape: StepShape) -> Tensor:
+        """pool: [blocks, B, Hkv, D] -> the rows' first T positions [N, Hkv, T, D] (a strided view of one copy)."""
+        n, width = shape.table.shape
+        rows = pool.index_select(0, shape.table.view(-1))  # [N * width, B, Hkv, D]
+        return rows.view(n, width * self.block_tokens, *pool.shape[2:])[:, : shape.span].transpose(1, 2)
+
+    # ---- prefixes --------------------------------------------------------------------
+
+    def load_prefix(self, table: BlockTable, keys: list[Tensor], values: list[Tensor]) -> None:
         """Copy precomputed per-layer k/v [Hkv, P, D] into positions 0..P-1 of a row."""
+        n_pos = keys[0].shape[1]
+        self.fit(table, n_pos)
+        slots = self._slots(table, n_pos)  # [P]
         for layer, (k, v) in enumerate(zip(keys, values)):
-            n_pos = k.shape[1]
-            self.k[layer][row, :, :n_pos] = k
-            self.v[layer][row, :, :n_pos] = v
+            heads, dim = k.shape[0], k.shape[2]
+            self.pool[0, layer].view(-1, heads, dim).index_copy_(0, slots, k.transpose(0, 1))
+            self.pool[1, layer].view(-1, heads, dim).index_copy_(0, slots, v.transpose(0, 1))
 
-    def read_prefix(self, row: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
+    def read_prefix(self, table: BlockTable, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Copies of the first `length` positions of a row, per layer: [Hkv, P, D]."""
-        return (
-            [t[row, :, :length].clone() for t in self.k],
-            [t[row, :, :length].clone() for t in self.v],
-        )
+        slots = self._slots(table, length)  # [P]
+        flat = self.pool.flatten(2, 3)  # [2, layers, blocks * B, Hkv, D]
+        k, v = (flat[i].index_select(1, slots).transpose(1, 2) for i in (0, 1))  # [layers, Hkv, P, D]
+        return list(k.unbind(0)), list(v.unbind(0))
+
+    def _slots(self, table: BlockTable, length: int) -> Tensor:
+        positions = torch.arange(length, device=self.device)  # [P]
+        blocks = torch.tensor(table.blocks, dtype=torch.long, device=self.device)
+        return blocks[positions // self.block_tokens] * self.block_tokens + positions % self.block_tokens

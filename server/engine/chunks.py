@@ -1,11 +1,10 @@
 """Chunked prefill: a prompt longer than one chunk is fed a chunk per engine step, between decode
 steps, so the streams already decoding never stall behind it for its whole prefill.
 
-One such prompt is in progress at a time, in the cache's last row (admission counts every chunked
-request as a running row, so the batch's compact rows never reach it); the others queue here in
-arrival order. While no row decodes, the chunks are --max-prefill-tokens long: nobody waits on them.
-When its last chunk is in, the row's KV moves to the end of the batch and it joins
-with the first token sampled from the last chunk's logits. Requests that score their prompt
+One such prompt is in progress at a time, in its own cache blocks (admission counts every chunked
+request as a running row); the others queue here in arrival order. While no row decodes, the
+chunks are --max-prefill-tokens long: nobody waits on them. When its last chunk is in, the request
+joins the batch with its blocks as they are and the first token sampled from the last chunk's logits. Requests that score their prompt
 (`prompt_logprobs`) are prefilled in one piece, as before.
 """
 from __future__ import annotations
@@ -36,15 +35,13 @@ class InProgress:
 @dataclass(frozen=True)
 class Prefilled:
     req: Request
-    row: int  # the cache row holding its KV
     length: int  # positions cached
     logits: Tensor  # [1, V] after its last prompt token
 
 
 class ChunkedPrefill:
-    def __init__(self, prefiller: Prefiller, row: int, chunk_tokens: int, alone_tokens: int) -> None:
+    def __init__(self, prefiller: Prefiller, chunk_tokens: int, alone_tokens: int) -> None:
         self.prefiller = prefiller
-        self.row = row
         self.chunk_tokens = chunk_tokens  # per step while other rows decode
         self.alone_tokens = max(alone_tokens, chunk_tokens)  # per step when no row decodes: nobody to stall
         self.queue: deque[Request] = deque()
@@ -89,12 +86,12 @@ class ChunkedPrefill:
             self.active = InProgress(self.queue.popleft(), 0, None)
         job = self.active
         if job.inputs is None:
-            job.start, job.inputs = self.prefiller.begin_row(job.req, self.row)
+            job.start, job.inputs = self.prefiller.begin_row(job.req)
         size = self.alone_tokens if alone else self.chunk_tokens
         chunk, job.inputs = job.inputs[:size], job.inputs[size:]  # [C, H], [L - C, H]
-        logits = self.prefiller.prefill_chunk(job.req, self.row, job.start, chunk)
+        logits = self.prefiller.prefill_chunk(job.req, job.start, chunk)
         job.start += chunk.shape[0]
         if job.inputs.shape[0]:
             return None
         self.active = None
-        return Prefilled(job.req, self.row, job.start, logits)
+        return Prefilled(job.req, job.start, logits)

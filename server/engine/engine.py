@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from server.engine.batch import Batch, scored_rows
-from server.engine.cache import KVCache
+from server.engine.cache import KVCache, initial_blocks
 from server.engine.calls import EngineCalls
 from server.engine.chunks import ChunkedPrefill, chunk_tokens
 from server.engine.clock import AdapterClock
@@ -64,6 +64,8 @@ class EngineSettings:
     phase_quantum_s: float = 2.0
     prefix_cache: bool = True
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
+    kv_block_tokens: int = 16  # positions per KV-cache block
+
 
 
 class Engine:
@@ -79,12 +81,12 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self._release = release
-        cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, settings.max_batch_size, g.max_len, base.dtype, base.device)
-        self.batch = Batch(cache)
+        self.cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, g.max_len, base.dtype, base.device,
+                             settings.kv_block_tokens, initial_blocks(settings, g.max_len, base.device))
+        self.batch = Batch()
         self.clock = AdapterClock(base.device)
-        self.prefiller = Prefiller(base, cache, settings)
-        self.chunked = ChunkedPrefill(self.prefiller, settings.max_batch_size - 1,
-                                      chunk_tokens(settings.prefill_chunk_tokens, base.device),
+        self.prefiller = Prefiller(base, self.cache, settings)
+        self.chunked = ChunkedPrefill(self.prefiller, chunk_tokens(settings.prefill_chunk_tokens, base.device),
                                       settings.max_prefill_tokens)
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
@@ -211,6 +213,8 @@ class Engine:
         if self.batch:
             self._decode()
         self.metrics.set_queue(len(self.batch), self._pending)
+        self.metrics.set_kv_cache(self.cache.blocks_used * self.cache.bytes_per_block,
+                                  self.cache.n_blocks * self.cache.bytes_per_block)
 
     def _intake(self) -> None:
         while not self._inbox.empty():
@@ -251,7 +255,7 @@ class Engine:
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefill a group into the next cache rows; if it raises, each row alone, so only the faulty one fails."""
         try:
-            lengths, logits, scores = self.prefiller.prefill(group, row0=len(self.batch))
+            lengths, logits, scores = self.prefiller.prefill(group)
         except Exception as exc:  # noqa: BLE001 - pinned to its row below
             if len(group) == 1:
                 log.warning("prefill failed for request %d: %s", group[0].id, describe(exc))
@@ -279,9 +283,6 @@ class Engine:
             return
         if done is None:
             return
-        row = len(self.batch)
-        if done.row != row:
-            self.batch.cache.move_row(done.row, row, done.length)
         self.batch.join(done.req, done.length)
         self._sample([done.req], done.logits, scored_rows([done.req]))
         self._drop_finished()
@@ -306,7 +307,6 @@ class Engine:
 
     def _decode(self) -> None:
         batch = self.batch
-        batch.cache.ensure(max(batch.lengths) + 1)
         t0 = time.perf_counter()
         measured = self.clock.begin_step()
         ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
@@ -378,6 +378,7 @@ class Engine:
         if req.finished:
             return
         req.finished = True
+        self.cache.release(req.kv)
         req.emit(DoneEvent(reason, error))
         self._release(req)
         record_finished(self.metrics, req, status)

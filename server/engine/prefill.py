@@ -9,7 +9,7 @@ from torch import Tensor
 from server.adapters.prompt import PrefixKV, PromptAdapter
 from server.decoder import PLAIN, StepShape
 from server.engine.batch import Batch, Plans
-from server.engine.cache import KVCache
+from server.engine.cache import BlockTable, KVCache
 from server.engine.clock import AdapterClock, TimedHooks
 from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.request import Request
@@ -30,10 +30,12 @@ class Prefiller:
         self.prefix_cache = settings.prefix_cache
 
     def warm_up(self) -> None:
-        """One tiny forward so the first request does not pay for lazy initialisation."""
-        self.cache.ensure(2)
+        """Tiny forwards (a prefill, a decode step) so the first request does not pay for lazy initialisation."""
+        table = BlockTable()
         x = self.decoder.embed(torch.zeros((1, 2), dtype=torch.long, device=self.base.device))
-        self.decoder.forward(x, StepShape.build(0, [0], 2, self.base.device), self.cache)
+        self.decoder.forward(x, self.cache.step([table], [0], 2), self.cache)
+        self.decoder.forward(x[:, :1], self.cache.step([table], [2], 1), self.cache)
+        self.cache.release(table)
 
     def groups(self, joiners: list[Request]) -> Iterator[list[Request]]:
         """Joiners in order, cut into groups of at most --max-prefill-tokens padded tokens."""
@@ -53,21 +55,30 @@ class Prefiller:
         extra = prompt.n_virtual if prompt and not self.prefix_cache else 0
         return len(req.prompt_ids) + extra
 
-    def prefill(self, group: list[Request], row0: int) -> tuple[list[int], Tensor, list[Scores]]:
-        """Prefill a group into cache rows row0..: (cached lengths, last logits [n, V], prompt scores)."""
+    def prefill(self, group: list[Request]) -> tuple[list[int], Tensor, list[Scores]]:
+        """Prefill a group into the requests' cache blocks: (cached lengths, last logits [n, V], prompt
+        scores). If it raises, the blocks it took are returned."""
+        try:
+            return self._prefill(group)
+        except BaseException:
+            for req in group:
+                self.cache.release(req.kv)
+            raise
+
+    def _prefill(self, group: list[Request]) -> tuple[list[int], Tensor, list[Scores]]:
         starts, inputs = zip(*(self._row_input(req) for req in group))
         length = max(x.shape[0] for x in inputs)
         x = torch.stack([_pad(t, length) for t in inputs])  # [N, L, H]
-        self.cache.ensure(max(starts) + length)
-        for i, (req, start) in enumerate(zip(group, starts)):
-            self._load_prefix(req, row0 + i, start)
-        shape = StepShape.build(row0, list(starts), length, self.base.device)
+        for req, start in zip(group, starts):
+            self._load_prefix(req, start)
+        ends = [start + t.shape[0] for start, t in zip(starts, inputs)]  # past them: the group's padding
+        shape = self.cache.step([r.kv for r in group], list(starts), length, ends)
         hidden = self._forward(x, shape, Plans.build(group))  # [N, L, H]
         last = torch.tensor([t.shape[0] - 1 for t in inputs], device=x.device)  # [N]
         logits = self.decoder.logits(hidden[torch.arange(len(group), device=x.device), last])  # [N, V]
         scores = [self._score_prompt(req, hidden[i, : t.shape[0]]) if req.params.prompt_logprobs is not None else None
                   for i, (req, t) in enumerate(zip(group, inputs))]
-        return [s + t.shape[0] for s, t in zip(starts, inputs)], logits, scores
+        return ends, logits, scores
 
     def _forward(self, x: Tensor, shape: StepShape, plans: Plans) -> Tensor:
         """x: [N, L, H] -> [N, L, H]: every forward over the cache, with the rows' adapter plans in place."""
@@ -87,24 +98,23 @@ class Prefiller:
             scores += token_logprobs(logits, targets[s : s + SCORE_CHUNK], [n_top] * logits.shape[0])
         return scores
 
-    def begin_row(self, req: Request, row: int) -> tuple[int, Tensor]:
-        """Start a chunked prefill in cache `row`: room for the whole row, the soft prompt's prefix
-        loaded; -> (positions cached so far, the input embeddings still to feed [L, H])."""
+    def begin_row(self, req: Request) -> tuple[int, Tensor]:
+        """Start a chunked prefill: the soft prompt's prefix loaded into the request's blocks;
+        -> (positions cached so far, the input embeddings still to feed [L, H])."""
         start, x = self._row_input(req)
-        self.cache.ensure(start + x.shape[0])
-        self._load_prefix(req, row, start)
+        self._load_prefix(req, start)
         return start, x
 
-    def _load_prefix(self, req: Request, row: int, start: int) -> None:
+    def _load_prefix(self, req: Request, start: int) -> None:
         """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first."""
         if start:
             prefix = self.prefix_of(_prompt_adapter(req))
-            self.cache.load_prefix(row, prefix.keys, prefix.values)
+            self.cache.load_prefix(req.kv, prefix.keys, prefix.values)
 
-    def prefill_chunk(self, req: Request, row: int, start: int, x: Tensor) -> Tensor:
-        """x: [L, H] the next chunk of one row's inputs, fed at positions start.. of cache `row`
+    def prefill_chunk(self, req: Request, start: int, x: Tensor) -> Tensor:
+        """x: [L, H] the next chunk of one row's inputs, fed at positions start.. of its blocks
         -> the logits after its last token [1, V]."""
-        shape = StepShape.build(row, [start], x.shape[0], self.base.device)
+        shape = self.cache.step([req.kv], [start], x.shape[0])
         hidden = self._forward(x[None], shape, Plans.build([req]))  # [1, L, H]
         return self.decoder.logits(hidden[:, -1])
 
@@ -122,18 +132,19 @@ class Prefiller:
     def prefix_of(self, prompt: PromptAdapter) -> PrefixKV:
         """The virtual tokens' KV, computed once per adapter on first use."""
         if prompt.prefix is None:
-            g = self.base.geometry
-            n = prompt.n_virtual
-            scratch = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, 1, g.max_len, self.base.dtype, self.base.device, n)
+            n, table = prompt.n_virtual, BlockTable()
             self.lora_ctx.plan = None
             x = prompt.embeddings.to(self.base.dtype)[None]  # [1, n, H]
-            self.decoder.forward(x, StepShape.build(0, [0], n, self.base.device), scratch, PLAIN)
-            prompt.prefix = PrefixKV(*scratch.read_prefix(0, n))
+            try:
+                self.decoder.forward(x, self.cache.step([table], [0], n), self.cache, PLAIN)
+                prompt.prefix = PrefixKV(*self.cache.read_prefix(table, n))
+            finally:
+                self.cache.release(table)
         return prompt.prefix
 
     def decode_logits(self, ids: Tensor, batch: Batch, clock: AdapterClock) -> Tensor:
         """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]; adapter time on `clock`."""
-        shape = StepShape.build(0, batch.lengths, 1, self.base.device)
+        shape = self.cache.step([r.kv for r in batch.rows], batch.lengths, 1)
         plans = batch.plans()
         if clock.active:
             self.lora_ctx.clock = clock
@@ -147,7 +158,7 @@ class Prefiller:
     def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
         """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
         (the fault path: a step that raised is retried row by row to find the row at fault)."""
-        shape = StepShape.build(i, [batch.lengths[i]], 1, self.base.device)
+        shape = self.cache.step([batch.rows[i].kv], [batch.lengths[i]], 1)
         hidden = self._forward(self.decoder.embed(ids), shape, Plans.build([batch.rows[i]]))  # [1, 1, H]
         return self.decoder.logits(hidden[:, 0])
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from server.engine.cache import BlockTable
 from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
 
@@ -58,6 +59,7 @@ class Request:
     sampler: Sampler | None = None
     failure: Exception | None = None  # set by the engine when this row must end with an error
     finished: bool = False  # its DoneEvent was sent and its adapter released (exactly once)
+    kv: BlockTable = field(default_factory=BlockTable)  # its KV-cache blocks; returned when it finishes
 
     @property
     def kind(self) -> str:

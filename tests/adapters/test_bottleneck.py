@@ -15,8 +15,8 @@ from server.adapters.bottleneck import (
     load_bottleneck,
 )
 from server.adapters.bottleneck_format import parse_bottleneck_config
-from server.decoder import PLAIN, StepShape
-from server.engine.cache import KVCache
+from server.decoder import PLAIN
+from server.engine.cache import BlockTable, KVCache
 from server.errors import AdapterFormatError
 from server.model import BaseModel, Geometry, load_base_model
 
@@ -45,18 +45,18 @@ def generate(bm: BaseModel, prompts: list[list[int]], rows: list, new_tokens: in
     """Greedy decoding through our KV cache: tokens [N][new], logits [N, new, V] (step 0: last prompt position)."""
     n, lens = len(prompts), [len(p) for p in prompts]
     g = bm.geometry
-    cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, n, g.max_len, bm.dtype, bm.device)
+    cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, g.max_len, bm.dtype, bm.device)
+    tables = [BlockTable() for _ in range(n)]
     hooks = BottleneckHooks.build(rows)
     steps = []
     with torch.inference_mode():
         width = max(lens)
         ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=bm.device)  # [N, L]
-        cache.ensure(width + new_tokens)
-        h = bm.decoder.forward(bm.decoder.embed(ids), StepShape.build(0, [0] * n, width, bm.device), cache, hooks)
+        h = bm.decoder.forward(bm.decoder.embed(ids), cache.step(tables, [0] * n, width), cache, hooks)
         steps.append(bm.decoder.logits(h[torch.arange(n), torch.tensor(lens) - 1]).cpu())  # [N, V]
         for _ in range(new_tokens - 1):
             tok = steps[-1].argmax(-1).to(bm.device)  # [N]
-            shape = StepShape.build(0, lens, 1, bm.device)
+            shape = cache.step(tables, lens, 1)
             h = bm.decoder.forward(bm.decoder.embed(tok[:, None]), shape, cache, hooks)
             steps.append(bm.decoder.logits(h[:, 0]).cpu())
             lens = [length + 1 for length in lens]

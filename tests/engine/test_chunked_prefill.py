@@ -94,10 +94,10 @@ def test_decoding_streams_go_on_while_a_long_prompt_prefills(chunked):
 def test_a_fault_in_a_chunk_fails_only_that_request(chunked, one_shot, monkeypatch):
     real = Prefiller.prefill_chunk
 
-    def prefill_chunk(self, req, row, start, x):
+    def prefill_chunk(self, req, start, x):
         if req.params.seed == 99 and start >= 2 * CHUNK:
             raise RuntimeError("injected chunk fault")
-        return real(self, req, row, start, x)
+        return real(self, req, start, x)
 
     monkeypatch.setattr(Prefiller, "prefill_chunk", prefill_chunk)
     jobs = _jobs()

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from server.adapters.lora import LoraPlan
 from server.adapters.prompt import PromptAdapter
-from server.decoder import StepShape
-from server.engine.cache import KVCache
+from server.engine.cache import BlockTable, KVCache
 from server.model import BaseModel, load_base_model
 from tests.models.families import build
 
@@ -64,27 +63,28 @@ def greedy(bm: BaseModel, prompts: list[list[int]], rows: list | None = None,
     Returns (tokens [N][new], logits [N, new, V])."""
     dec, g, n = bm.decoder, bm.geometry, len(prompts)
     bm.lora_ctx.plan = LoraPlan.build(rows or [None] * n)
-    cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, n, g.max_len, bm.dtype, bm.device, 32)
+    cache = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, g.max_len, bm.dtype, bm.device)
+    tables = [BlockTable() for _ in range(n)]
     inputs = [dec.embed(torch.tensor(p)) for p in prompts]  # [L_i, H]
     starts = [0] * n
     if soft is not None and prefix_cache:
-        prefix = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, 1, g.max_len, bm.dtype, bm.device, 32)
-        dec.forward(soft.embeddings[None], StepShape.build(0, [0], soft.n_virtual, bm.device), prefix)
-        keys, values = prefix.read_prefix(0, soft.n_virtual)
-        for i in range(n):
-            cache.load_prefix(i, keys, values)
+        alone = BlockTable()
+        dec.forward(soft.embeddings[None], cache.step([alone], [0], soft.n_virtual), cache)
+        keys, values = cache.read_prefix(alone, soft.n_virtual)
+        for table in tables:
+            cache.load_prefix(table, keys, values)
         starts = [soft.n_virtual] * n
     elif soft is not None:
         inputs = [torch.cat([soft.embeddings, x]) for x in inputs]
     width = max(x.shape[0] for x in inputs)
     x = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[0])) for t in inputs])  # [N, L, H]
-    hidden = dec.forward(x, StepShape.build(0, starts, width, bm.device), cache)  # [N, L, H]
+    hidden = dec.forward(x, cache.step(tables, starts, width), cache)  # [N, L, H]
     last = torch.tensor([t.shape[0] - 1 for t in inputs])
     steps = [dec.logits(hidden[torch.arange(n), last])]  # [N, V]
     lengths = [s + t.shape[0] for s, t in zip(starts, inputs)]
     for _ in range(new - 1):
         ids = steps[-1].argmax(-1)[:, None]  # [N, 1]
-        hidden = dec.forward(dec.embed(ids), StepShape.build(0, lengths, 1, bm.device), cache)
+        hidden = dec.forward(dec.embed(ids), cache.step(tables, lengths, 1), cache)
         steps.append(dec.logits(hidden[:, 0]))
         lengths = [length + 1 for length in lengths]
     logits = torch.stack(steps, 1)  # [N, new, V]
