@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
+from server.engine import paged_attention
 from server.engine.cache import KVCache, StepShape
 from server.residual import PLAIN, ResidualHooks, ResidualPoints
 
@@ -82,7 +83,13 @@ def attention(
         raise ValueError(f"attention dropout {dropout}: the base model must be in eval mode")
     step = hotswap_step
     shape = step.shape
-    keys, values = step.cache.write(module.layer_idx, shape, key, value)  # [N, Hkv, T, D]
+    step.cache.store(module.layer_idx, shape, key, value)
+    if shape.table is not None and paged_attention.usable(query):  # decode on the CPU: from the blocks
+        pool_k, pool_v = step.cache.layer(module.layer_idx)
+        out = paged_attention.decode(query, pool_k, pool_v, shape.table, shape.lengths, scaling, sliding_window,
+                                     softcap)  # [N, 1, Hq, D]
+        return out, None
+    keys, values = step.cache.read(module.layer_idx, shape, key, value)  # [N, Hkv, T, D]
     mask = step.mask(sliding_window)
     if softcap is not None:
         out = _softcapped(query, keys, values, shape.mask if mask is None else mask, scaling, softcap)

@@ -4,18 +4,19 @@ Position p of a row lives in block `table.blocks[p // B]` at offset p % B (B = `
 A row holds the blocks its tokens fill, so the memory held is proportional to the tokens held,
 whatever the lengths of the other rows; a row's blocks return to the pool when it ends.
 
-The pool is one tensor `[2 (k, v), layers, blocks, B, Hkv, D]`. Two blocks are never handed out:
+The pool is one tensor `[2 (k, v), layers, blocks, Hkv, B, D]` (a block holds each head's B
+positions contiguously). Two blocks are never handed out:
 block 0 stays zeros and pads the tables of shorter rows when a step reads several rows at once;
 block 1 takes the writes of a prefill group's padding tokens, past a row's own blocks, and is never
 read. Blocks are zeroed when they return, so no row ever reads another request's values, even
 masked ones (a masked NaN would still poison the attention product). On the CPU the pool starts small and doubles
 when it runs out; on CUDA `initial_blocks` is the whole budget, allocated once.
 
-A forward's `StepShape` (built by `step`) says where each new token is written (`slots`, flat
-indices into a layer's `[blocks * B, Hkv, D]`) and which blocks each row reads (`table`, padded
-with block 0). `write` stores a layer's new k/v and returns the keys/values the step attends
-over: the new ones themselves when every row starts at position 0, else the rows' blocks gathered
-into `[N, Hkv, T, D]` (on the CPU the fastest form measured, BENCHMARKS.md).
+A forward's `StepShape` (built by `step`) says where each new token is written (block and offset)
+and which blocks each row reads (`table`, padded with block 0). `store` writes a layer's new k/v;
+a decode step on the CPU then attends straight from the pool (engine/paged_attention.py); other
+steps `read` the keys/values they attend over: the new ones themselves when every row starts at
+position 0, else the rows' blocks gathered into `[N, Hkv, T, D]`.
 """
 from __future__ import annotations
 
@@ -61,7 +62,9 @@ class StepShape:
     mask: Tensor  # [N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t
     span: int  # T: keys attended (max over rows of starts + L)
     aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: `mask` is plain causal
-    slots: Tensor  # [N * L] long: where each new token's k/v goes in a layer's flat [blocks * B, Hkv, D]
+    lengths: Tensor  # [N] long: starts + L, the keys each row's last query sees
+    slot_blocks: Tensor  # [N * L] long: the block each new token's k/v goes to
+    slot_offsets: Tensor  # [N * L] long: ... and its offset in that block
     table: Tensor | None  # [N, ceil(T / B)] long: the blocks each row reads; None when every row starts at 0
 
 
@@ -71,7 +74,7 @@ class KVCache:
         self.max_len = max_len
         self.block_tokens = block_tokens
         self.device = torch.device(device)
-        shape = (2, n_layers, max(initial_blocks, 3), block_tokens, n_kv_heads, head_dim)
+        shape = (2, n_layers, max(initial_blocks, 3), n_kv_heads, block_tokens, head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.free = list(range(self.n_blocks - 1, SINK_BLOCK, -1))  # a stack: lowest ids handed out first
 
@@ -143,25 +146,33 @@ class KVCache:
         rows = torch.tensor([t.blocks[:width] + [SINK_BLOCK] * (width - len(t.blocks[:width])) for t in tables],
                             dtype=torch.long, device=device)  # [N, ceil(T / B)]
         b = self.block_tokens
-        slots = (rows.gather(1, positions // b) * b + positions % b).reshape(-1)  # [N * L]
+        blocks = rows.gather(1, positions // b).reshape(-1)  # [N * L]
         read = None if max(starts) == 0 else rows.masked_fill(rows == SINK_BLOCK, NULL_BLOCK)
-        return StepShape(start_t, positions, mask[:, None], span, aligned, slots, read)
+        return StepShape(start_t, positions, mask[:, None], span, aligned, start_t + length, blocks,
+                         (positions % b).reshape(-1), read)
 
-    def write(self, layer: int, shape: StepShape, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k/v [N, Hkv, L, D] at the step's slots; return the keys/values it attends over [N, Hkv, T, D]."""
-        n, heads, _, dim = k.shape
-        pool_k, pool_v = self.pool[0, layer], self.pool[1, layer]  # [blocks, B, Hkv, D]
-        for pool, new in ((pool_k, k), (pool_v, v)):
-            pool.view(-1, heads, dim).index_copy_(0, shape.slots, new.transpose(1, 2).reshape(-1, heads, dim))
+    def layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One layer's key and value pools, [blocks, Hkv, B, D] each."""
+        return self.pool[0, layer], self.pool[1, layer]
+
+    def store(self, layer: int, shape: StepShape, k: Tensor, v: Tensor) -> None:
+        """Write a step's new k/v [N, Hkv, L, D] into the rows' blocks."""
+        heads, dim = k.shape[1], k.shape[3]
+        for pool, new in zip(self.layer(layer), (k, v)):
+            pool[shape.slot_blocks, :, shape.slot_offsets] = new.transpose(1, 2).reshape(-1, heads, dim)
+
+    def read(self, layer: int, shape: StepShape, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys/values [N, Hkv, T, D] a step with new k/v [N, Hkv, L, D] (already stored) attends over."""
         if shape.table is None:  # every row starts at 0: the new k/v are all there is
             return k, v
-        return self._gather(pool_k, shape), self._gather(pool_v, shape)
+        return tuple(self._gather(pool, shape) for pool in self.layer(layer))
 
     def _gather(self, pool: Tensor, shape: StepShape) -> Tensor:
-        """pool: [blocks, B, Hkv, D] -> the rows' first T positions [N, Hkv, T, D] (a strided view of one copy)."""
+        """pool: [blocks, Hkv, B, D] -> the rows' first T positions [N, Hkv, T, D] (one copy)."""
         n, width = shape.table.shape
-        rows = pool.index_select(0, shape.table.view(-1))  # [N * width, B, Hkv, D]
-        return rows.view(n, width * self.block_tokens, *pool.shape[2:])[:, : shape.span].transpose(1, 2)
+        heads, b, dim = pool.shape[1:]
+        rows = pool.index_select(0, shape.table.view(-1)).view(n, width, heads, b, dim)
+        return rows.transpose(1, 2).reshape(n, heads, width * b, dim)[:, :, : shape.span]
 
     # ---- prefixes --------------------------------------------------------------------
 
@@ -169,20 +180,19 @@ class KVCache:
         """Copy precomputed per-layer k/v [Hkv, P, D] into positions 0..P-1 of a row."""
         n_pos = keys[0].shape[1]
         self.fit(table, n_pos)
-        slots = self._slots(table, n_pos)  # [P]
+        blocks, offsets = self._slots(table, n_pos)  # [P] each
         for layer, (k, v) in enumerate(zip(keys, values)):
-            heads, dim = k.shape[0], k.shape[2]
-            self.pool[0, layer].view(-1, heads, dim).index_copy_(0, slots, k.transpose(0, 1))
-            self.pool[1, layer].view(-1, heads, dim).index_copy_(0, slots, v.transpose(0, 1))
+            for pool, new in zip(self.layer(layer), (k, v)):
+                pool[blocks, :, offsets] = new.transpose(0, 1)  # [P, Hkv, D]
 
     def read_prefix(self, table: BlockTable, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Copies of the first `length` positions of a row, per layer: [Hkv, P, D]."""
-        slots = self._slots(table, length)  # [P]
-        flat = self.pool.flatten(2, 3)  # [2, layers, blocks * B, Hkv, D]
-        k, v = (flat[i].index_select(1, slots).transpose(1, 2) for i in (0, 1))  # [layers, Hkv, P, D]
+        blocks, offsets = self._slots(table, length)  # [P] each
+        k, v = (self.pool[i][:, blocks, :, offsets].permute(1, 2, 0, 3) for i in (0, 1))  # [layers, Hkv, P, D]
         return list(k.unbind(0)), list(v.unbind(0))
 
-    def _slots(self, table: BlockTable, length: int) -> Tensor:
+    def _slots(self, table: BlockTable, length: int) -> tuple[Tensor, Tensor]:
+        """(block, offset) of a row's positions 0..length-1, [P] each."""
         positions = torch.arange(length, device=self.device)  # [P]
         blocks = torch.tensor(table.blocks, dtype=torch.long, device=self.device)
-        return blocks[positions // self.block_tokens] * self.block_tokens + positions % self.block_tokens
+        return blocks[positions // self.block_tokens], positions % self.block_tokens

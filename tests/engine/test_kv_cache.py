@@ -7,6 +7,7 @@ import httpx
 import pytest
 import torch
 
+from server.engine import paged_attention
 from server.engine.cache import NULL_BLOCK, SINK_BLOCK, BlockTable, KVCache
 from server.model import load_base_model
 from tests.conftest import LLAMA, live_server
@@ -101,3 +102,51 @@ def test_blocks_return_to_the_pool_when_requests_end(tmp_path):
     allocated = [line for line in metrics.splitlines() if line.startswith('hotswap_kv_cache_bytes{state="allocated"}')]
     assert used and float(used[0].split()[-1]) == 0.0
     assert allocated and float(allocated[0].split()[-1]) > 0.0
+
+
+def _reference(q, pool_k, pool_v, table, lengths, scale, window, softcap):
+    """What the kernel computes, the slow way: each row over its gathered keys, fp32 softmax."""
+    outs = []
+    for n in range(q.shape[0]):
+        keys = pool_k[table[n]].transpose(0, 1).flatten(1, 2)[:, : lengths[n]].float()  # [Hkv, T, D]
+        values = pool_v[table[n]].transpose(0, 1).flatten(1, 2)[:, : lengths[n]].float()
+        group = q.shape[1] // keys.shape[0]
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [Hq, T, D]
+        scores = torch.einsum("hd,htd->ht", q[n].float(), keys) * scale  # [Hq, T]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        if window:
+            scores[:, : max(0, int(lengths[n]) - window)] = float("-inf")
+        outs.append(torch.einsum("ht,htd->hd", scores.softmax(-1), values))  # [Hq, D]
+    return torch.stack(outs)  # [N, Hq, D]
+
+
+@pytest.mark.parametrize(("dtype", "heads", "dim", "window", "softcap"), [
+    (torch.float32, (12, 4), 64, 0, 0.0), (torch.float32, (8, 8), 128, 0, 0.0), (torch.float32, (4, 2), 48, 20, 0.0),
+    (torch.float32, (6, 2), 64, 0, 50.0), (torch.bfloat16, (8, 2), 64, 0, 0.0)])
+def test_cpu_decode_kernel_equals_attention_over_each_rows_own_keys(dtype, heads, dim, window, softcap):
+    if paged_attention.kernel() is None:
+        pytest.skip("no C++ compiler here: the gather path serves (and is what the other tests then check)")
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([1, 5, 16, 17, 40, 3])
+    width = 3
+    table = torch.randperm(30, generator=gen)[: len(lengths) * width].view(-1, width) + 2  # [N, W]
+    pool_k = torch.randn(40, hkv, B, dim, generator=gen).to(dtype)
+    pool_v = torch.randn(40, hkv, B, dim, generator=gen).to(dtype)
+    q = torch.randn(len(lengths), hq, dim, generator=gen).to(dtype)
+    got = paged_attention.decode(q[:, :, None], pool_k, pool_v, table, lengths, 0.125, window or None,
+                                 softcap or None)[:, 0]  # [N, Hq, D]
+    want = _reference(q, pool_k, pool_v, table, lengths, 0.125, window, softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_decode_gathering_blocks_gives_the_kernels_tokens(llama, monkeypatch):
+    """Where the kernel cannot be built (or on CUDA) decode gathers the rows' blocks for SDPA: same tokens."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 4000, (n,), generator=gen).tolist() for n in (3, 70, 20, 33)]
+    with_kernel, _, _ = _greedy(llama, prompts, 6)
+    monkeypatch.setattr(paged_attention, "usable", lambda query: False)
+    gathered, _, _ = _greedy(llama, prompts, 6)
+    assert gathered == with_kernel
