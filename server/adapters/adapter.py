@@ -95,9 +95,11 @@ def describe(weights: Weights) -> dict:
     if isinstance(weights, LoraAdapter):
         lora = weights.spec
         targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        return {"r": lora.r, "lora_alpha": lora.lora_alpha, "ranks": sorted({w.rank for w in weights.modules.values()}),
+        experts = [w for per_param in weights.experts.values() for w in per_param.values()]
+        return {"r": lora.r, "lora_alpha": lora.lora_alpha,
+                "ranks": sorted({w.rank for w in [*weights.modules.values(), *experts]}),
                 "use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "target_modules": targets,
-                "n_modules": len(weights.modules)}
+                "target_parameters": list(lora.target_parameters), "n_modules": len(weights.modules)}
     if isinstance(weights, PromptAdapter):
         prompt = weights.spec
         return {"peft_type": prompt.peft_type, "num_virtual_tokens": prompt.num_virtual_tokens,

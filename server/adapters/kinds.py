@@ -48,7 +48,7 @@ def read_adapter(folder: Path, base: BaseModel) -> tuple[Kind, Draft]:
     kind = detect_kind(folder)
     if kind == "lora":
         lora = read_lora(folder, base.hf)
-        ensure_wrapped(base.hf, lora.modules, base.lora_ctx)
+        ensure_wrapped(base.hf, lora.wrapped, base.lora_ctx)
         return kind, lora
     if kind == "prompt":
         return kind, load_prompt(folder, base.geometry.hidden)

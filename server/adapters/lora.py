@@ -3,11 +3,12 @@
     spec = parse_lora_config(json)            # every field that changes inference, or a refusal
     draft = read_lora(folder, hf_model)       # any thread: files, keys and shapes against the base modules
     adapter = derive(draft, hf_model)         # engine thread: DoRA norms and bias checks on the pristine base
-    ensure_wrapped(hf_model, adapter.modules, ctx); ctx.plan = LoraPlan.build(rows)   # unmerged
-    state = merge(hf_model, adapter); ...; state.restore()                             # merged
+    ensure_wrapped(hf_model, draft.wrapped, ctx); ctx.plan = LoraPlan.build(rows)   # unmerged
+    state = merge(hf_model, adapter); ...; state.restore()                            # merged
 
-The layer side (the unmerged wrapper, its per-batch plan, merge and restore) lives in
-lora_layer.py and is re-exported here.
+The layer side (the unmerged wrappers, their per-batch plan, merge and restore) lives in
+lora_layer.py and is re-exported here; LoRA on `target_parameters` (MoE routers and experts) in
+lora_params.py.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from server.adapters.lora_layer import (
     named_layers,
     pristine,
 )
+from server.adapters.lora_params import ExpertLora, ExpertsLora, ParamTarget, param_targets
 from server.adapters.patterns import Matcher, check_pattern, listed
 from server.adapters.weights import read_config, read_weights
 from server.errors import AdapterFormatError
@@ -55,17 +57,19 @@ PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector
 
 PARSED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
           "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "use_dora", "bias", "lora_bias",
-          "init_lora_weights"}
+          "init_lora_weights", "target_parameters"}
 # Provenance and training-only settings: no effect on a saved adapter's outputs.
 INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
          "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
          "lora_ga_config", "runtime_config"}
 # Change inference in ways this server does not implement: refused unless unset (null, false, empty).
-UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters", "use_qalora",
+UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
                "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
                "use_bdlora", "megatron_config", "ensure_weight_tying")
 # init_lora_weights whose adapters expect base weights changed at init (unless converted on save).
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# What PEFT's ParamWrapper refuses: with target_parameters these must be unset.
+NOT_WITH_PARAMETERS = ("fan_in_fan_out", "lora_bias", "use_dora", "lora_dropout")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class LoraSpec:
     lora_alpha: float = 8
     use_rslora: bool = False
     target_modules: tuple[str, ...] | str = ()  # names (exact or ".name" suffix), a fullmatch regex, or "all-linear"
+    target_parameters: tuple[str, ...] = ()  # parameter names (exact or ".name" suffix): MoE routers, experts
     exclude_modules: tuple[str, ...] | str = ()
     layers_to_transform: tuple[int, ...] = ()  # empty: every layer
     layers_pattern: tuple[str, ...] = ()
@@ -142,11 +147,13 @@ def parse_lora_config(cfg: dict) -> LoraSpec:
     if cfg.get("peft_type") != "LORA":
         raise AdapterFormatError("peft_type", "'LORA'", cfg.get("peft_type"))
     _refuse_unsupported(cfg)
+    parameters = _parameters(cfg.get("target_parameters"))
     spec = LoraSpec(
         r=_positive_int("r", cfg.get("r", 8)),
         lora_alpha=_number("lora_alpha", cfg.get("lora_alpha", 8)),
         use_rslora=_flag(cfg, "use_rslora"),
-        target_modules=_targets(cfg.get("target_modules")),
+        target_modules=_targets(cfg.get("target_modules"), parameters),
+        target_parameters=parameters,
         exclude_modules=_names_or_regex("exclude_modules", cfg.get("exclude_modules")),
         layers_to_transform=_layers(cfg.get("layers_to_transform")),
         layers_pattern=_strings("layers_pattern", cfg.get("layers_pattern")),
@@ -157,7 +164,7 @@ def parse_lora_config(cfg: dict) -> LoraSpec:
         bias=cfg.get("bias", "none"),
         lora_bias=_flag(cfg, "lora_bias"),
     )
-    _check_combinations(spec)
+    _check_combinations(spec, cfg)
     return spec
 
 
@@ -171,8 +178,8 @@ def _refuse_unsupported(cfg: dict) -> None:
                                  "(save PiSSA/OLoRA/CorDA/LoRA-GA adapters converted to plain LoRA)", init)
 
 
-def _check_combinations(spec: LoraSpec) -> None:
-    """PEFT's own LoraConfig checks, as AdapterFormatError."""
+def _check_combinations(spec: LoraSpec, cfg: dict) -> None:
+    """PEFT's own LoraConfig (and ParamWrapper) checks, as AdapterFormatError."""
     if spec.bias not in ("none", "all", "lora_only"):
         raise AdapterFormatError("bias", "one of none, all, lora_only", spec.bias)
     if isinstance(spec.target_modules, str) and (spec.layers_to_transform or spec.layers_pattern):
@@ -182,6 +189,9 @@ def _check_combinations(spec: LoraSpec) -> None:
         raise AdapterFormatError("layers_pattern", "unset when layers_to_transform is unset", list(spec.layers_pattern))
     if spec.lora_bias and spec.use_dora:
         raise AdapterFormatError("lora_bias", "false with use_dora (PEFT refuses the pair)", True)
+    for key in NOT_WITH_PARAMETERS if spec.target_parameters else ():
+        if cfg.get(key):
+            raise AdapterFormatError(key, "unset with target_parameters (PEFT's ParamWrapper refuses it)", cfg[key])
 
 
 def _flag(cfg: dict, key: str) -> bool:
@@ -218,12 +228,22 @@ def _names_or_regex(key: str, value) -> tuple[str, ...] | str:
     raise AdapterFormatError(key, "a regex string or a list of module names", value)
 
 
-def _targets(value) -> tuple[str, ...] | str:
+def _targets(value, parameters: tuple[str, ...]) -> tuple[str, ...] | str:
     if isinstance(value, str) and value.lower() == "all-linear":
         return "all-linear"
+    if value == [] and parameters:  # PEFT: target_parameters alone
+        return ()
     if not value:
-        raise AdapterFormatError("target_modules", "a non-empty list of module names, a regex or 'all-linear'", value)
+        raise AdapterFormatError("target_modules", "a non-empty list of module names, a regex or 'all-linear' "
+                                 "(an empty list with target_parameters)", value)
     return _names_or_regex("target_modules", value)
+
+
+def _parameters(value) -> tuple[str, ...]:
+    """target_parameters: a list of parameter names (PEFT refuses a string); matched as names, not regexes."""
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        return tuple(value or ())
+    raise AdapterFormatError("target_parameters", "a list of parameter names", value)
 
 
 def _layers(value) -> tuple[int, ...]:
@@ -247,14 +267,17 @@ class LoraAdapter:
     """A loaded, validated LoRA: per targeted module name (as the HF model names it), its weights."""
 
     spec: LoraSpec
-    modules: dict[str, LoraWeights]
+    modules: dict[str, LoraWeights]  # Linear / Conv1D modules and MoE routers
+    experts: dict[str, ExpertsLora] = field(default_factory=dict)  # fused experts modules (target_parameters)
 
     @property
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors())
+        weights = [*self.modules.values(), *(w for lora in self.experts.values() for w in lora.values())]
+        return sum(t.numel() * t.element_size() for w in weights for t in w.tensors())
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
-        return LoraAdapter(self.spec, {n: w.to(device, dtype) for n, w in self.modules.items()})
+        return LoraAdapter(self.spec, {n: w.to(device, dtype) for n, w in self.modules.items()},
+                           {n: {p: w.to(device, dtype) for p, w in lora.items()} for n, lora in self.experts.items()})
 
 
 @dataclass(frozen=True)
@@ -274,8 +297,14 @@ class LoraDraft:
     """A LoRA folder read and checked against the base model's shapes (any thread). `derive` completes it."""
 
     spec: LoraSpec
-    modules: dict[str, ModuleDraft]
+    modules: dict[str, ModuleDraft]  # Linear / Conv1D modules and MoE routers
     untouched_biases: dict[str, Tensor]  # file key -> bias of an untargeted module (bias="all")
+    experts: dict[str, ExpertsLora]  # fused experts modules: nothing in them depends on the base's values
+
+    @property
+    def wrapped(self) -> list[str]:
+        """The modules that get a LoRA wrapper (`ensure_wrapped`)."""
+        return [*self.modules, *self.experts]
 
 
 def load_lora(folder: Path, model: nn.Module) -> LoraAdapter:
@@ -288,9 +317,16 @@ def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
     folder = Path(folder)
     spec = parse_lora_config(read_config(folder, CONFIG_FILE))
     targets = _target_names(spec, model)
-    parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), targets, model)
+    params = param_targets(spec.target_parameters, named_layers(model), set(targets))
+    parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), [*targets, *(p.path for p in params)], model)
     modules = {name: _module_draft(spec, model, name, parts.get(name, {})) for name in targets}
-    return LoraDraft(spec, modules, extra_biases)
+    experts: dict[str, ExpertsLora] = {}
+    for p in params:  # a router's weight: a module LoRA (patterns matched on the parameter's key); experts: 3-D
+        if p.param == "weight":
+            modules[p.module] = _module_draft(spec, model, p.module, parts.get(p.path, {}), key=p.key)
+        else:
+            experts.setdefault(p.module, {})[p.param] = _expert_lora(spec, model, p, parts.get(p.path, {}))
+    return LoraDraft(spec, modules, extra_biases, experts)
 
 
 def derive(draft: LoraDraft, model: nn.Module) -> LoraAdapter:
@@ -299,7 +335,8 @@ def derive(draft: LoraDraft, model: nn.Module) -> LoraAdapter:
     The server runs this on the engine thread only, where no merge can be changing the weights."""
     for key, tensor in draft.untouched_biases.items():
         _check_untouched_bias(model, key, tensor)
-    return LoraAdapter(draft.spec, {name: _module_weights(model, name, d) for name, d in draft.modules.items()})
+    modules = {name: _module_weights(model, name, d) for name, d in draft.modules.items()}
+    return LoraAdapter(draft.spec, modules, draft.experts)
 
 
 def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
@@ -313,7 +350,7 @@ def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
             raise AdapterFormatError("target_modules", "only nn.Linear or Conv1D modules",
                                      f"{name} ({type(module).__name__})")
         names.append(name)
-    if not names:
+    if not names and not spec.target_parameters:
         raise AdapterFormatError("target_modules", "to select at least one module of the base model",
                                  spec.target_modules)
     return names
@@ -362,19 +399,33 @@ def _check_untouched_bias(model: nn.Module, key: str, tensor: Tensor) -> None:
                                  "module)", "a different bias")
 
 
-def _module_draft(spec: LoraSpec, model: nn.Module, name: str, parts: dict) -> ModuleDraft:
+def _module_draft(spec: LoraSpec, model: nn.Module, name: str, parts: dict, key: str | None = None) -> ModuleDraft:
+    """key: what rank/alpha patterns match (a router's: its parameter's name, `<module>.weight`)."""
     layer = base_layer(model, name)
     n_in, n_out = _in_out(layer)
-    r, scale = spec.rank_and_scale(name)
+    r, scale = spec.rank_and_scale(key or name)
     a = _tensor(parts, name, "lora_A.weight", (r, n_in), required=True)
     b = _tensor(parts, name, "lora_B.weight", (n_out, r), required=True)
     lora_bias = _tensor(parts, name, "lora_B.bias", (n_out,), required=spec.lora_bias, allowed=spec.lora_bias)
     magnitude = _tensor(parts, name, "lora_magnitude_vector", (n_out,), required=spec.use_dora,
                         allowed=spec.use_dora)
     file_bias = _tensor(parts, name, "base_layer.bias", (n_out,))
-    if file_bias is not None and layer.bias is None:
+    if file_bias is not None and getattr(layer, "bias", None) is None:  # a router has no bias attribute
         raise AdapterFormatError(f"{KEY_PREFIX}{name}.base_layer.bias", f"no bias ({name} has none)", "a bias")
     return ModuleDraft(a, b, scale, magnitude, lora_bias, file_bias)
+
+
+def _expert_lora(spec: LoraSpec, model: nn.Module, target: ParamTarget, parts: dict) -> ExpertLora:
+    """A fused experts Parameter's lora_A / lora_B, checked against its shape [E, out, in]."""
+    n_experts, n_out, n_in = getattr(base_layer(model, target.module), target.param).shape
+    r, scale = spec.rank_and_scale(target.key)
+    fits = f"{target.key} [{n_experts}, {n_out}, {n_in}] at rank {r}"
+    a = _tensor(parts, target.path, "lora_A.weight", (r * n_experts, n_in), required=True, fits=fits)
+    b = _tensor(parts, target.path, "lora_B.weight", (n_out, r * n_experts), required=True, fits=fits)
+    extra = sorted(key for part, (key, _) in parts.items() if part not in ("lora_A.weight", "lora_B.weight"))
+    if extra:
+        raise AdapterFormatError(extra[0], f"only lora_A.weight and lora_B.weight for {target.key}", "present")
+    return ExpertLora.from_peft(a, b, n_experts, scale)
 
 
 def _module_weights(model: nn.Module, name: str, d: ModuleDraft) -> LoraWeights:
@@ -391,17 +442,20 @@ def _in_out(layer: nn.Module) -> tuple[int, int]:
 
 
 def _tensor(parts: dict, name: str, part: str, shape: tuple[int, ...], required: bool = False,
-            allowed: bool = True) -> Tensor | None:
-    """One part of a module's file entry, checked: present iff expected, shape, finite. fp32."""
+            allowed: bool = True, fits: str | None = None) -> Tensor | None:
+    """One part of a module's file entry, checked: present iff expected, shape, finite. fp32.
+
+    name: the module (or ParamWrapper) the file keys it under; fits: what the shape fits, if not that."""
     key, tensor = parts.get(part, (f"{KEY_PREFIX}{name}.{part}", None))
     if tensor is None:
         if required:
-            raise AdapterFormatError(key, f"a tensor of shape {shape} for targeted module {name}", "missing")
+            raise AdapterFormatError(key, f"a tensor of shape {shape} for targeted {fits or 'module ' + name}",
+                                     "missing")
         return None
     if not allowed:
         raise AdapterFormatError(key, "no such tensor (its config flag, lora_bias or use_dora, is false)", "present")
     if tuple(tensor.shape) != shape or not tensor.is_floating_point():
-        raise AdapterFormatError(key, f"a float tensor of shape {shape} to fit {name}",
+        raise AdapterFormatError(key, f"a float tensor of shape {shape} to fit {fits or name}",
                                  f"{tensor.dtype} {tuple(tensor.shape)}")
     if not torch.isfinite(tensor).all():
         raise AdapterFormatError(key, "finite values", "NaN or Inf")

@@ -1,4 +1,4 @@
-"""The LoRA layer: the unmerged wrapper, the context the engine drives, the per-batch plan, merge.
+"""The LoRA layer: the unmerged wrappers, the context the engine drives, the per-batch plan, merge.
 
 Every targeted nn.Linear / transformers Conv1D of the base model is replaced, once, by a
 `LoraLinear` that keeps it as `base_layer` (same Parameters, nothing copied) and adds the
@@ -7,6 +7,9 @@ delta of each row's adapter to `base_layer(x)`:
     plain LoRA  delta = s·B(A x) + s·b_B                      (b_B: lora_B bias, lora_bias=True)
     DoRA        delta = (g − 1)·(x Wᵀ) + g·s·B(A x)           (g = m / ‖W + s·BA‖ per output)
     either      delta += b' − b                              (b': base bias replaced by the file)
+
+Parameters targeted by `target_parameters` (MoE routers and fused experts) get the wrappers of
+lora_params.py: a router's delta is a ModuleDelta like a Linear's, the experts' an ExpertsDelta.
 
 One `LoraContext` is shared by all wrappers of a model; the engine sets `ctx.plan` before each
 forward. `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
@@ -41,6 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from server.adapters.lora_params import (
+    ExpertsDelta,
+    LoraExperts,
+    LoraRouter,
+    LoraWrapper,
+    is_experts,
+    is_router,
+    measured,
+    merge_experts,
+)
 from server.errors import AdapterFormatError, MergeConflictError
 
 if TYPE_CHECKING:
@@ -158,36 +171,34 @@ def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
 class LoraPlan:
     """What every wrapper needs for one batch composition; build once per composition, reuse per step."""
 
-    modules: dict[str, ModuleDelta]  # module name -> delta; modules no row targets are absent
+    rows: int  # N, the batch's rows (an MoE block's router and experts see them as N·L tokens)
+    modules: dict[str, ModuleDelta]  # module name -> delta (Linear, Conv1D, MoE router); untargeted: absent
+    experts: dict[str, ExpertsDelta]  # experts module name -> delta of its Parameters; untargeted: absent
 
     @staticmethod
     def build(rows: list[LoraAdapter | None]) -> LoraPlan | None:
         """rows[i]: the unmerged LoRA of batch row i (None: no LoRA). None if no row has one."""
         names = sorted({name for adapter in rows if adapter is not None for name in adapter.modules})
-        if not names:
+        experts = sorted({name for adapter in rows if adapter is not None for name in adapter.experts})
+        if not names and not experts:
             return None
-        return LoraPlan({
-            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows])
-            for name in names
+        return LoraPlan(len(rows), {
+            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows]) for name in names
+        }, {
+            name: ExpertsDelta.build([None if a is None else a.experts.get(name) for a in rows]) for name in experts
         })
 
 
 class LoraContext:
-    """Shared by every LoraLinear of one model. The engine sets `plan` before each forward."""
+    """Shared by every LoRA wrapper of one model. The engine sets `plan` before each forward."""
 
     def __init__(self) -> None:
         self.plan: LoraPlan | None = None
         self.clock: AdapterClock | None = None  # set on measured decode steps only
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(LoraWrapper):
     """An nn.Linear or Conv1D plus the per-row LoRA delta of the current plan."""
-
-    def __init__(self, base_layer: nn.Module, module_name: str, ctx: LoraContext) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.module_name = module_name
-        self.ctx = ctx
 
     @property
     def weight(self) -> Tensor:
@@ -205,38 +216,44 @@ class LoraLinear(nn.Module):
         delta = plan.modules.get(self.module_name)
         if delta is None:
             return out
-        if self.ctx.clock is None:
-            return delta.apply(x, out, self.base_layer.bias)
-        with self.ctx.clock.measure("lora"):
+        with measured(self.ctx.clock):
             return delta.apply(x, out, self.base_layer.bias)
 
 
 def ensure_wrapped(model: nn.Module, module_names, ctx: LoraContext) -> None:
-    """Replace each named Linear/Conv1D of `model` by a LoraLinear around it, once."""
+    """Replace each named Linear/Conv1D, MoE router or fused experts of `model` by its LoRA wrapper, once."""
     for name in module_names:
         module = model.get_submodule(name)
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraWrapper):
             if module.ctx is not ctx:
                 raise ValueError(f"{name} is wrapped with another LoraContext")
             continue
-        if not isinstance(module, LINEAR_TYPES):
-            raise TypeError(f"{name}: expected nn.Linear or Conv1D, got {type(module).__name__}")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoraLinear(module, name, ctx))
+        setattr(model.get_submodule(parent), child, _wrapper_of(name, module)(module, name, ctx))
+
+
+def _wrapper_of(name: str, module: nn.Module) -> type[nn.Module]:
+    if isinstance(module, LINEAR_TYPES):
+        return LoraLinear
+    if is_experts(module):
+        return LoraExperts
+    if is_router(module):
+        return LoraRouter
+    raise TypeError(f"{name}: expected nn.Linear, Conv1D, an MoE router or fused experts, got {type(module).__name__}")
 
 
 def base_layer(model: nn.Module, name: str) -> nn.Module:
-    """The module called `name` in the model, seen through its LoraLinear wrapper if any."""
+    """The module called `name` in the model, seen through its LoRA wrapper if any."""
     module = model.get_submodule(name)
-    return module.base_layer if isinstance(module, LoraLinear) else module
+    return module.base_layer if isinstance(module, LoraWrapper) else module
 
 
 def named_layers(model: nn.Module):
     """(name, module) of every submodule as the unwrapped model names them (wrappers see-through)."""
-    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraWrapper)}
     for name, module in model.named_modules():
         if name and id(module) not in wrapped:
-            yield name, module.base_layer if isinstance(module, LoraLinear) else module
+            yield name, module.base_layer if isinstance(module, LoraWrapper) else module
 
 
 # ---------------------------------------------------------------- merge / restore
@@ -251,7 +268,7 @@ class MergedState:
 
     model: nn.Module
     adapter: LoraAdapter
-    pristine: dict[str, dict[str, Tensor]]  # module name -> {"weight"/"bias": untouched copy}
+    pristine: dict[str, dict[str, Tensor]]  # module name -> {"weight"/"bias"/expert Parameter: untouched copy}
 
     def restore(self) -> None:
         if _MERGED.get(self.model) is not self:
@@ -262,7 +279,7 @@ class MergedState:
 
 
 def merge(model: nn.Module, adapter: LoraAdapter) -> MergedState:
-    """Fold W + s·BA (DoRA: g·(W + s·BA); biases) into the targeted base weights, in place.
+    """Fold W + s·BA (DoRA: g·(W + s·BA); biases; experts W_e + s·B_e A_e) into the targeted weights, in place.
 
     A transaction: whatever raises part-way (out of memory, say), every tensor already changed is
     copied back from its saved original before the exception goes on, so the base stays bit-exact."""
@@ -276,6 +293,8 @@ def merge(model: nn.Module, adapter: LoraAdapter) -> MergedState:
         try:
             for name, weights in adapter.modules.items():
                 _merge_module(base_layer(model, name), weights, state.pristine.setdefault(name, {}))
+            for name, lora in adapter.experts.items():
+                merge_experts(base_layer(model, name), lora, state.pristine.setdefault(name, {}))
         except BaseException:
             _copy_back(model, state.pristine)
             raise

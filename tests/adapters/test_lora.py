@@ -238,7 +238,7 @@ QV = "base_model.model.model.layers.0.self_attn.q_proj"
     ("modules_to_save", ["lm_head"]),
     ("trainable_token_indices", [1, 2]),
     ("layer_replication", [[0, 2]]),
-    ("target_parameters", ["mlp.experts.gate_up_proj"]),
+    ("target_parameters", "mlp.experts.gate_up_proj"),  # a string: PEFT wants a list
     ("use_qalora", True),
     ("alora_invocation_tokens", [5, 6]),
     ("arrow_config", {"top_k": 2}),
