@@ -37,6 +37,7 @@ from server.adapters.lora_layer import (
     named_layers,
     pristine,
 )
+from server.adapters.alora import check_activation
 from server.adapters.patterns import Matcher, check_pattern, listed
 from server.adapters.weights import read_config, read_weights
 from server.errors import AdapterFormatError
@@ -55,14 +56,14 @@ PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector
 
 PARSED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
           "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "use_dora", "bias", "lora_bias",
-          "init_lora_weights"}
+          "init_lora_weights", "alora_invocation_tokens"}
 # Provenance and training-only settings: no effect on a saved adapter's outputs.
 INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
          "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
          "lora_ga_config", "runtime_config"}
 # Change inference in ways this server does not implement: refused unless unset (null, false, empty).
 UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters", "use_qalora",
-               "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+               "arrow_config", "kasa_config", "velora_config", "monteclora_config",
                "use_bdlora", "megatron_config", "ensure_weight_tying")
 # init_lora_weights whose adapters expect base weights changed at init (unless converted on save).
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
@@ -85,6 +86,7 @@ class LoraSpec:
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    alora_invocation_tokens: tuple[int, ...] = ()  # aLoRA (alora.py): active from their last occurrence on
     matcher: Matcher = field(default_factory=Matcher, compare=False, repr=False)  # this config's regex budget
 
     def selects(self, name: str, module: nn.Module, output_layer: nn.Module | None) -> bool:
@@ -156,6 +158,7 @@ def parse_lora_config(cfg: dict) -> LoraSpec:
         use_dora=_flag(cfg, "use_dora"),
         bias=cfg.get("bias", "none"),
         lora_bias=_flag(cfg, "lora_bias"),
+        alora_invocation_tokens=_token_ids(cfg.get("alora_invocation_tokens")),
     )
     _check_combinations(spec)
     return spec
@@ -182,6 +185,10 @@ def _check_combinations(spec: LoraSpec) -> None:
         raise AdapterFormatError("layers_pattern", "unset when layers_to_transform is unset", list(spec.layers_pattern))
     if spec.lora_bias and spec.use_dora:
         raise AdapterFormatError("lora_bias", "false with use_dora (PEFT refuses the pair)", True)
+    if spec.alora_invocation_tokens and (spec.use_dora or spec.lora_bias or spec.bias != "none"):
+        raise AdapterFormatError("alora_invocation_tokens", "an aLoRA without use_dora, lora_bias or trained "
+                                 "biases (those would change the rows before the invocation)",
+                                 f"use_dora={spec.use_dora}, lora_bias={spec.lora_bias}, bias={spec.bias!r}")
 
 
 def _flag(cfg: dict, key: str) -> bool:
@@ -224,6 +231,14 @@ def _targets(value) -> tuple[str, ...] | str:
     if not value:
         raise AdapterFormatError("target_modules", "a non-empty list of module names, a regex or 'all-linear'", value)
     return _names_or_regex("target_modules", value)
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not value or not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise AdapterFormatError("alora_invocation_tokens", "null or a non-empty list of token ids", value)
+    return tuple(value)
 
 
 def _layers(value) -> tuple[int, ...]:
@@ -288,6 +303,8 @@ def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
     folder = Path(folder)
     spec = parse_lora_config(read_config(folder, CONFIG_FILE))
     targets = _target_names(spec, model)
+    if spec.alora_invocation_tokens:
+        check_activation(spec.alora_invocation_tokens, targets, model)
     parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), targets, model)
     modules = {name: _module_draft(spec, model, name, parts.get(name, {})) for name in targets}
     return LoraDraft(spec, modules, extra_biases)

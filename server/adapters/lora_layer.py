@@ -9,7 +9,8 @@ delta of each row's adapter to `base_layer(x)`:
     either      delta += b' − b                              (b': base bias replaced by the file)
 
 One `LoraContext` is shared by all wrappers of a model; the engine sets `ctx.plan` before each
-forward. `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
+forward, and `ctx.gate` when an aLoRA row is in it (alora.py: its delta is zero before its
+invocation). `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
 
 Strategy: gather-batched (BGMV style). At plan build, for each module, the A/B of every row
 with a delta there are stacked (s folded into B) and zero-padded to the batch's largest rank;
@@ -88,9 +89,11 @@ class ModuleDelta:
     B: Tensor  # [M, out, R]: each row's s·B, zero-padded; [out, r] when shared
     shift: Tensor | None  # [M, 1, out] (or [out]): each row's `shift`, zeros where none; None if none
     dora: Tensor | None  # [M, 1, out] (or [out]): each row's DoRA g, ones on plain rows; None if no DoRA
+    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
 
-    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
-        """Add the delta to `out` = base_layer(x) in place and return it.
+    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
+        each row's delta applies (None: everywhere).
 
         Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
         sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
@@ -100,16 +103,17 @@ class ModuleDelta:
         (BENCHMARKS.md); both threads then.
         """
         small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
+        gate = gate if self.gated else None
         if not (x.is_cpu and small and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
-            return self._apply(x, out, base_bias)
+            return self._apply(x, out, base_bias, gate)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._apply(x, out, base_bias)
+            return self._apply(x, out, base_bias, gate)
         finally:
             torch.set_num_threads(threads)
 
-    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
+    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None) -> Tensor:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
         out3 = out.view(out.shape[0], -1, out.shape[-1])  # [N, L, out], shares out's storage
         xs = x3 if self.rows is None else x3.index_select(0, self.rows)  # [M, L, in]
@@ -123,6 +127,8 @@ class ModuleDelta:
             delta = (self.dora - 1) * xw + self.dora * delta
         if self.shift is not None:
             delta = delta + self.shift
+        if gate is not None:  # exact zeros where an aLoRA row is not active yet
+            delta = delta.masked_fill(~(gate if self.rows is None else gate.index_select(0, self.rows)), 0.0)
         if self.rows is None:
             out3.add_(delta)
         else:
@@ -130,19 +136,19 @@ class ModuleDelta:
         return out
 
     @staticmethod
-    def build(per_row: list[LoraWeights | None]) -> ModuleDelta:
+    def build(per_row: list[LoraWeights | None], gated: bool = False) -> ModuleDelta:
         """per_row[i]: row i's weights for this module, None where it gets no delta."""
         idx = [i for i, w in enumerate(per_row) if w is not None]
         ws = [per_row[i] for i in idx]
         rows = None if len(idx) == len(per_row) else torch.tensor(idx, device=ws[0].A.device)
         if all(w is ws[0] for w in ws):  # one adapter: no per-row copies
-            return ModuleDelta(rows, ws[0].A, ws[0].B * ws[0].scale, ws[0].shift, ws[0].dora_scale)
+            return ModuleDelta(rows, ws[0].A, ws[0].B * ws[0].scale, ws[0].shift, ws[0].dora_scale, gated)
         rank = max(w.rank for w in ws)
         a = torch.stack([w.A if w.rank == rank else F.pad(w.A, (0, 0, 0, rank - w.rank)) for w in ws])
         b = torch.stack([w.B if w.rank == rank else F.pad(w.B, (0, rank - w.rank)) for w in ws])
         scales = torch.tensor([w.scale for w in ws], device=b.device)[:, None, None]  # [M, 1, 1] fp32
         return ModuleDelta(rows, a, (b * scales).to(b.dtype),
-                           _per_row(ws, "shift", 0.0), _per_row(ws, "dora_scale", 1.0))
+                           _per_row(ws, "shift", 0.0), _per_row(ws, "dora_scale", 1.0), gated)
 
 
 def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
@@ -167,7 +173,8 @@ class LoraPlan:
         if not names:
             return None
         return LoraPlan({
-            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows])
+            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows],
+                                    any(a.spec.alora_invocation_tokens for a in rows if a and name in a.modules))
             for name in names
         })
 
@@ -177,6 +184,7 @@ class LoraContext:
 
     def __init__(self) -> None:
         self.plan: LoraPlan | None = None
+        self.gate: Tensor | None = None  # [N, L, 1] bool, with aLoRA rows: where each row's LoRA applies
         self.clock: AdapterClock | None = None  # set on measured decode steps only
 
 
@@ -206,9 +214,9 @@ class LoraLinear(nn.Module):
         if delta is None:
             return out
         if self.ctx.clock is None:
-            return delta.apply(x, out, self.base_layer.bias)
+            return delta.apply(x, out, self.base_layer.bias, self.ctx.gate)
         with self.ctx.clock.measure("lora"):
-            return delta.apply(x, out, self.base_layer.bias)
+            return delta.apply(x, out, self.base_layer.bias, self.ctx.gate)
 
 
 def ensure_wrapped(model: nn.Module, module_names, ctx: LoraContext) -> None:

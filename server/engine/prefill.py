@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -69,10 +70,12 @@ class Prefiller:
                   for i, (req, t) in enumerate(zip(group, inputs))]
         return [s + t.shape[0] for s, t in zip(starts, inputs)], logits, scores
 
-    def _forward(self, x: Tensor, shape: StepShape, plans: Plans) -> Tensor:
-        """x: [N, L, H] -> [N, L, H]: every forward over the cache, with the rows' adapter plans in place."""
+    def _forward(self, x: Tensor, shape: StepShape, plans: Plans, cache: KVCache | None = None) -> Tensor:
+        """x: [N, L, H] -> [N, L, H]: every forward over the cache (or a scratch one), with the rows'
+        adapter plans in place."""
         self.lora_ctx.plan = plans.lora
-        return self.decoder.forward(x, shape, self.cache, plans.residual)
+        self.lora_ctx.gate = plans.gate(shape.positions)
+        return self.decoder.forward(x, shape, self.cache if cache is None else cache, plans.residual)
 
     def _score_prompt(self, req: Request, hidden: Tensor) -> list[TokenLogprob]:
         """hidden: [L, H] of one row, its real prompt last (after any virtual tokens) -> scores of prompt tokens 1.."""
@@ -98,7 +101,7 @@ class Prefiller:
     def _load_prefix(self, req: Request, row: int, start: int) -> None:
         """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first."""
         if start:
-            prefix = self.prefix_of(_prompt_adapter(req))
+            prefix = self.prefix_of(req)
             self.cache.load_prefix(row, prefix.keys, prefix.values)
 
     def prefill_chunk(self, req: Request, row: int, start: int, x: Tensor) -> Tensor:
@@ -119,17 +122,19 @@ class Prefiller:
             return 0, torch.cat([prompt.embeddings.to(x.dtype), x])  # [n_virtual + L, H]
         return prompt.n_virtual, x
 
-    def prefix_of(self, prompt: PromptAdapter) -> PrefixKV:
-        """The virtual tokens' KV, computed once per adapter on first use."""
-        if prompt.prefix is None:
+    def prefix_of(self, req: Request) -> PrefixKV:
+        """The virtual tokens' KV through the row's adapted model (with the LoRA and bottleneck it
+        combines them with), computed once per adapter or combination and mode, on first use."""
+        prefixes = req.adapter.prefixes
+        if req.mode not in prefixes:
             g = self.base.geometry
+            prompt = _prompt_adapter(req)
             n = prompt.n_virtual
             scratch = KVCache(g.n_layers, g.n_kv_heads, g.head_dim, 1, g.max_len, self.base.dtype, self.base.device, n)
-            self.lora_ctx.plan = None
             x = prompt.embeddings.to(self.base.dtype)[None]  # [1, n, H]
-            self.decoder.forward(x, StepShape.build(0, [0], n, self.base.device), scratch, PLAIN)
-            prompt.prefix = PrefixKV(*scratch.read_prefix(0, n))
-        return prompt.prefix
+            self._forward(x, StepShape.build(0, [0], n, self.base.device), Plans.build([req]), scratch)
+            prefixes[req.mode] = PrefixKV(*scratch.read_prefix(0, n))
+        return prefixes[req.mode]
 
     def decode_logits(self, ids: Tensor, batch: Batch, clock: AdapterClock) -> Tensor:
         """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]; adapter time on `clock`."""
@@ -137,7 +142,8 @@ class Prefiller:
         plans = batch.plans()
         if clock.active:
             self.lora_ctx.clock = clock
-            plans = Plans(plans.lora, plans.residual if plans.residual is PLAIN else TimedHooks(plans.residual, clock))
+            if plans.residual is not PLAIN:
+                plans = replace(plans, residual=TimedHooks(plans.residual, clock))
         try:
             hidden = self._forward(self.decoder.embed(ids), shape, plans)  # [N, 1, H]
         finally:
@@ -153,7 +159,7 @@ class Prefiller:
 
 
 def _prompt_adapter(req: Request) -> PromptAdapter | None:
-    return req.adapter.weights if req.kind == "prompt" else None
+    return req.parts.prompt
 
 
 def _pad(t: Tensor, length: int) -> Tensor:
