@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from tests.adapters.conftest import load_base, make_adapter
+from tests.adapters.conftest import load_base, make_adapter, one_thread  # noqa: F401 - autouse: tiny matmuls
 from tests.conftest import FIXTURES, LLAMA, live_server, references
 
 PEFT_LLAMA = FIXTURES / "peft" / "tiny-llama"
@@ -109,6 +109,7 @@ def srv(tmp_path_factory, cases):
     flags = [f"{name}={folder}" for name, folder in folders.items()]
     with live_server(tmp_path_factory.mktemp("srv"), model=LLAMA, adapter=flags) as server:
         hf = server.app.state.base.hf
+        server.folders = folders
         server.pristine = {name: p.detach().clone() for name, p in hf.named_parameters()}
         yield server
 
@@ -185,3 +186,13 @@ def test_response_and_metrics_name_the_combination(srv):
 def test_the_references_tell_the_combinations_apart(cases):
     firsts = {name: tuple(map(tuple, case[4])) for name, case in cases.items()}
     assert len(set(firsts.values())) == len(firsts)
+
+
+def test_chunked_prefill_without_the_prefix_cache_agrees(tmp_path, srv, cases):
+    """Prompts fed 4 tokens a step (invocations cut across chunks), virtual tokens in the row."""
+    flags = [f"{name}={folder}" for name, folder in srv.folders.items()]
+    with live_server(tmp_path, model=LLAMA, adapter=flags, prefix_cache=False, prefill_chunk_tokens=4) as chunked:
+        jobs = _jobs(cases)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda job: _tokens(chunked, job[0]), jobs))
+    assert results == [e for _, e in jobs]
