@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from server.adapters.alora import check_activation
 from server.adapters.lora_layer import (
     LINEAR_TYPES,
     LoraContext,
@@ -37,7 +38,6 @@ from server.adapters.lora_layer import (
     named_layers,
     pristine,
 )
-from server.adapters.alora import check_activation
 from server.adapters.patterns import Matcher, check_pattern, listed
 from server.adapters.weights import read_config, read_weights
 from server.errors import AdapterFormatError

@@ -33,8 +33,10 @@ class Plans:
         lora = LoraPlan.build(lora_rows) if any(lora_rows) else None
         residual = BottleneckHooks.build(bn_rows) if any(bn_rows) else PLAIN
         starts = [r.lora_start if a else 0 for r, a in zip(rows, lora_rows)]  # aLoRA rows: their invocation
-        device = next(iter(lora.modules.values())).A.device if lora else None
-        return Plans(lora, residual, torch.tensor(starts, device=device)[:, None] if any(starts) else None)
+        if not any(starts):
+            return Plans(lora, residual)
+        device = next(iter(lora.modules.values())).A.device
+        return Plans(lora, residual, torch.tensor(starts, device=device)[:, None])
 
     def gate(self, positions: Tensor) -> Tensor | None:
         """positions: [N, L] -> [N, L, 1] bool, where each row's LoRA applies (aLoRA rows); None: everywhere."""
