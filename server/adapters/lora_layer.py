@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 ONE_THREAD_MAX_TOKENS = 64  # CPU deltas over at most this many tokens run on one thread (see apply)
-ONE_THREAD_MAX_WEIGHTS = 256 * 1024  # ... and over at most this many A+B elements (1 MiB in fp32)
+ONE_THREAD_MAX_WEIGHTS = 512 * 1024  # ... and over at most this many A+B elements (2 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,10 @@ class ModuleDelta:
         Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
         sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
         75M bench model, 8 rows of 8 adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms
-        with 1. With many distinct adapters the stacked weights no longer sit in cache and streaming
-        them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one thread
-        (BENCHMARKS.md); both threads then.
+        with 1; 8 rows of 8 two-LoRA combinations (rank 32: 393k elements at q and o), 6.9-7.1 ms with
+        2 and 4.6-5.1 ms with 1. With many distinct adapters the stacked weights no longer sit in cache
+        and streaming them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one
+        thread (BENCHMARKS.md); both threads then.
         """
         small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
         gate = gate if self.gated else None
