@@ -26,6 +26,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     max_new_tokens: int
     mode: Mode | None = None  # LoRA only
+    adapters: tuple[tuple[str, float], ...] = ()  # several adapters combined, (name, weight) each; adapter None
 
     def params(self) -> dict[str, str]:
         return {} if self.adapter is None else {"adapter": self.adapter}
@@ -39,6 +40,8 @@ class GenerateRequest:
         }
         if self.mode is not None:
             body["mode"] = self.mode
+        if self.adapters:
+            body["adapters"] = [{"name": name, "weight": weight} for name, weight in self.adapters]
         return body
 
 

@@ -27,6 +27,7 @@ class Goal:
 
 GOALS = (
     Goal("mixed LoRA / base", "lora-mixed", 0.90),
+    Goal("two LoRAs combined per request / base", "lora-pairs", 0.85),
     Goal("merged LoRA / base", "lora-merged", 0.97),
     Goal("prompt / base", "prompt", 0.95),
     Goal("bottleneck / base", "bottleneck", 0.85),

@@ -15,7 +15,8 @@ from load_tests.layout import (
 )
 from load_tests.prompts import make_prompt
 
-Plan = list[tuple[str | None, Mode | None]]  # (adapter or None for base, LoRA mode) per request
+Combination = tuple[tuple[str, float], ...]  # an `adapters` list: (name, weight) each
+Plan = list[tuple[str | Combination | None, Mode | None]]  # (adapter(s), None for base; LoRA mode) per request
 
 UNMERGED: Mode = "unmerged"
 MERGED: Mode = "merged"
@@ -23,7 +24,7 @@ WARMUP_TOKENS = 4
 RAMP_LEVELS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_RAMP_LEVELS = (1, 2, 4, 8)
 DEFAULT_SCENARIOS = (
-    "base", "lora-mixed", "lora-merged", "lora-unmerged", "prompt",
+    "base", "lora-mixed", "lora-pairs", "lora-merged", "lora-unmerged", "prompt",
     "bottleneck", "all-kinds", "lora-32x8", "ramp",
 )
 ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-32", "lora-32x32")
@@ -41,7 +42,8 @@ class Scenario:
         return len(self.requests)
 
     def adapters(self) -> set[str]:
-        return {r.adapter for r in self.requests if r.adapter is not None}
+        return {r.adapter for r in self.requests if r.adapter is not None} | {
+            name for r in self.requests for name, _ in r.adapters}
 
     def warmup_requests(self) -> tuple[GenerateRequest, ...]:
         return tuple(replace(r, max_new_tokens=min(WARMUP_TOKENS, r.max_new_tokens)) for r in self.requests)
@@ -58,10 +60,16 @@ def _lora(index: int, mode: Mode) -> tuple[str, Mode]:
     return lora_name(index % RESIDENT_LORAS), mode
 
 
+def _pair(index: int) -> tuple[Combination, Mode]:
+    """Two LoRAs combined, 0.7 and 0.3: lora-i and lora-(i+1), unmerged."""
+    return ((lora_name(index % RESIDENT_LORAS), 0.7), (lora_name((index + 1) % RESIDENT_LORAS), 0.3)), UNMERGED
+
+
 def _plans() -> dict[str, Plan]:
     return {
         "base": [(None, None)] * 8,
         "lora-mixed": [_lora(i, UNMERGED) for i in range(8)],
+        "lora-pairs": [_pair(i) for i in range(8)],  # each request combines two LoRAs
         "lora-merged": [_lora(0, MERGED)] * 8,
         "lora-unmerged": [_lora(0, UNMERGED)] * 8,
         "prompt": [(PROMPT_ADAPTER, None)] * 8,
@@ -79,7 +87,8 @@ def _plans() -> dict[str, Plan]:
 
 def _scenario(name: str, plan: Plan, settings: ScenarioSettings) -> Scenario:
     requests = tuple(
-        GenerateRequest(adapter, make_prompt(i, settings.seed), settings.max_new_tokens, mode)
+        GenerateRequest(adapter if not isinstance(adapter, tuple) else None, make_prompt(i, settings.seed),
+                        settings.max_new_tokens, mode, adapter if isinstance(adapter, tuple) else ())
         for i, (adapter, mode) in enumerate(plan)
     )
     if name == "lora-32x32":

@@ -17,8 +17,8 @@ def gateway_state(engine: Engine, registry: Registry) -> GatewayState:
     rows = list(engine.batch.rows) + engine.chunked.requests()  # a prompt being prefilled in chunks runs
     queued = list(engine.scheduler.waiting)  # waiting count and adapters from this one copy, so they agree
     resident = {e.name for e in registry.all() if e.adapter is not None}
-    running = resident | {r.adapter.name for r in rows if r.adapter is not None}
-    waiting = {r.adapter.name for r in queued if r.adapter is not None}
+    running = resident | {name for r in rows if r.adapter is not None for name in r.adapter.names}
+    waiting = {name for r in queued if r.adapter is not None for name in r.adapter.names}
     reserved = sum(reserved_tokens(r) for r in rows)
     # max_lora: resident slots; unbounded (0), at most one adapter per row of a batch
     max_lora = registry.max_resident or engine.settings.max_batch_size

@@ -5,7 +5,9 @@ process never clash. The engine and the routers call the small typed methods bel
 touches prometheus_client. GET /metrics serves `Metrics.render()`.
 
 Labels are bounded sets:
-- `kind`: base | lora | prompt | bottleneck
+- `kind`: base | lora | prompt | bottleneck, or a request's combination of adapters (its `adapters`
+  list): lora+prompt | lora+bottleneck | prompt+bottleneck | lora+prompt+bottleneck (weighted LoRAs
+  alone are one LoRA: lora)
 - `mode`: merged | unmerged for LoRA; none for every other kind (normalised here, so callers may
   pass the request's mode as it is)
 - `status`: ok | cancelled | error for finished requests; rejected (or the refusal's reason) for
@@ -36,12 +38,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
-KINDS = ("base", "lora", "prompt", "bottleneck")
+COMBINED_KINDS = ("lora+prompt", "lora+bottleneck", "prompt+bottleneck", "lora+prompt+bottleneck")
+KINDS = ("base", "lora", "prompt", "bottleneck", *COMBINED_KINDS)
 ADAPTER_KINDS = ("lora", "prompt", "bottleneck")
 MODES = ("merged", "unmerged", "none")
 # The (kind, mode) pairs that can occur; their series exist at 0 from the start.
-KIND_MODES = (("base", "none"), ("lora", "merged"), ("lora", "unmerged"),
-              ("prompt", "none"), ("bottleneck", "none"))
+KIND_MODES = tuple((kind, mode) for kind in KINDS
+                   for mode in (("merged", "unmerged") if "lora" in kind.split("+") else ("none",)))
 OTHER_ADAPTER = "__other__"
 
 # Whole requests on CPU take tens of ms to minutes; on GPU a few ms to seconds.
@@ -65,7 +68,7 @@ def normalize_mode(kind: str, mode: str | None) -> str:
     """The `mode` label for a request of `kind`: merged|unmerged for LoRA, none otherwise."""
     if kind not in KINDS:
         raise ValueError(f"metrics: kind must be one of {KINDS}, got {kind!r}")
-    if kind != "lora":
+    if "lora" not in kind.split("+"):
         return "none"
     if mode not in ("merged", "unmerged"):
         raise ValueError(f"metrics: a LoRA request's mode must be merged or unmerged, got {mode!r}")

@@ -142,6 +142,14 @@ def test_client_reports_json_errors() -> None:
 
 # scenarios and prompts
 
+def test_pairs_scenario_combines_two_loras_per_request() -> None:
+    [pairs] = build_scenarios(["lora-pairs"], ScenarioSettings(max_new_tokens=4))
+    assert pairs.concurrency == 8 and pairs.adapters() == {f"lora-{i}" for i in range(8)}
+    first = pairs.requests[0]
+    assert first.params() == {} and first.body()["adapters"] == [{"name": "lora-0", "weight": 0.7},
+                                                                  {"name": "lora-1", "weight": 0.3}]
+
+
 def test_scenarios_expand_ramp_and_spread_loras() -> None:
     settings = ScenarioSettings(max_new_tokens=16, ramp_levels=(1, 2))
     scenarios = {s.name: s for s in build_scenarios(["lora-32x8", "all-kinds", "ramp", "churn"], settings)}

@@ -59,3 +59,8 @@ def test_walkthrough_commands(server):
     assert merged and unmerged and merged[0]["token_ids"] == unmerged[-1]["token_ids"]
     assert any(o.startswith("[") and "'my-lora'" in o for o in outputs)  # the openai client listed the adapters
     assert any("hotswap_adapter_layer_seconds_count" in o for o in outputs)
+    composed = [json.loads(o) for o in outputs if '"kind":"lora+prompt"' in o]
+    assert composed and composed[0]["adapter"] == "docstring-lora*0.5+unittest-prompt"
+    invoked, plain = [json.loads(o) for o in outputs if '"adapter":"docstring-alora"' in o]
+    base = server.generate(prompt="def read_config(path, defaults=None):\n", max_new_tokens=40)
+    assert plain["token_ids"] == base["token_ids"] != invoked["token_ids"]  # no invocation: the base model

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from server.adapters.composition import ALORA_UNMERGED, Parts, resolve_mode
 from server.adapters.kinds import Kind, Weights
 from server.adapters.lora import LoraAdapter
-from server.adapters.prompt import PromptAdapter
+from server.adapters.prompt import PrefixKV, PromptAdapter
 from server.errors import InvalidRequestError
 from server.store import CORRUPT, files_problem
 
@@ -27,10 +29,19 @@ class Adapter:
     source: str
     created_at: float = field(default_factory=time.time)
     users: int = 0  # requests holding it; guarded by the registry's lock
+    prefixes: dict[str, PrefixKV] = field(default_factory=dict, repr=False)  # a soft prompt's KV, by the engine
 
     @property
     def n_virtual(self) -> int:
         return self.weights.n_virtual if self.kind == "prompt" else 0
+
+    @cached_property
+    def parts(self) -> Parts:
+        return Parts(**{self.kind: self.weights})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name,)
 
     @property
     def size_bytes(self) -> int:
@@ -39,11 +50,7 @@ class Adapter:
 
     def mode_for(self, requested: str | None) -> str:
         """The request's mode: what it asked for, else this adapter's default."""
-        if self.kind != "lora":
-            if requested not in (None, "unmerged"):
-                raise InvalidRequestError(f"mode: merging applies to LoRA adapters only; {self.name!r} is {self.kind}")
-            return "none"
-        return requested or self.default_mode
+        return resolve_mode(self.name, self.kind, self.parts.lora, self.default_mode, requested)
 
     def record(self) -> dict:
         return {"name": self.name, "kind": self.kind, "default_mode": self.default_mode, "resident": True,
@@ -99,7 +106,8 @@ def describe(weights: Weights) -> dict:
         return {"r": lora.r, "lora_alpha": lora.lora_alpha,
                 "ranks": sorted({w.rank for w in [*weights.modules.values(), *experts]}),
                 "use_rslora": lora.use_rslora, "use_dora": lora.use_dora, "target_modules": targets,
-                "target_parameters": list(lora.target_parameters), "n_modules": len(weights.modules)}
+                "target_parameters": list(lora.target_parameters), "n_modules": len(weights.modules),
+                "alora_invocation_tokens": list(lora.alora_invocation_tokens) or None}
     if isinstance(weights, PromptAdapter):
         prompt = weights.spec
         return {"peft_type": prompt.peft_type, "num_virtual_tokens": prompt.num_virtual_tokens,
@@ -110,7 +118,10 @@ def describe(weights: Weights) -> dict:
             "layers": sorted({layer for _, layer in weights.sites})}
 
 
-def default_mode_for(kind: Kind, requested: str | None) -> str:
+def default_mode_for(kind: Kind, requested: str | None, activated: bool = False) -> str:
+    """The default mode an upload asks for, checked; `activated`: the LoRA is an aLoRA (never merged)."""
+    if activated and requested == "merged":
+        raise InvalidRequestError(f"default_mode: expected unmerged, got merged ({ALORA_UNMERGED})")
     if kind != "lora":
         if requested not in (None, "", "none", "unmerged"):
             raise InvalidRequestError(f"default_mode: merged applies to LoRA adapters only, got {requested!r}")

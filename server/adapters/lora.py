@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from server.adapters.alora import check_activation
 from server.adapters.lora_layer import (
     LINEAR_TYPES,
     LoraContext,
@@ -57,14 +58,14 @@ PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector
 
 PARSED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
           "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "use_dora", "bias", "lora_bias",
-          "init_lora_weights", "target_parameters"}
+          "init_lora_weights", "target_parameters", "alora_invocation_tokens"}
 # Provenance and training-only settings: no effect on a saved adapter's outputs.
 INERT = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
          "lora_dropout", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
          "lora_ga_config", "runtime_config"}
 # Change inference in ways this server does not implement: refused unless unset (null, false, empty).
 UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "use_qalora",
-               "alora_invocation_tokens", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
+               "arrow_config", "kasa_config", "velora_config", "monteclora_config",
                "use_bdlora", "megatron_config", "ensure_weight_tying")
 # init_lora_weights whose adapters expect base weights changed at init (unless converted on save).
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
@@ -90,6 +91,7 @@ class LoraSpec:
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    alora_invocation_tokens: tuple[int, ...] = ()  # aLoRA (alora.py): active from their last occurrence on
     matcher: Matcher = field(default_factory=Matcher, compare=False, repr=False)  # this config's regex budget
 
     def selects(self, name: str, module: nn.Module, output_layer: nn.Module | None) -> bool:
@@ -163,6 +165,7 @@ def parse_lora_config(cfg: dict) -> LoraSpec:
         use_dora=_flag(cfg, "use_dora"),
         bias=cfg.get("bias", "none"),
         lora_bias=_flag(cfg, "lora_bias"),
+        alora_invocation_tokens=_token_ids(cfg.get("alora_invocation_tokens")),
     )
     _check_combinations(spec, cfg)
     return spec
@@ -192,6 +195,13 @@ def _check_combinations(spec: LoraSpec, cfg: dict) -> None:
     for key in NOT_WITH_PARAMETERS if spec.target_parameters else ():
         if cfg.get(key):
             raise AdapterFormatError(key, "unset with target_parameters (PEFT's ParamWrapper refuses it)", cfg[key])
+    if spec.alora_invocation_tokens and (spec.use_dora or spec.lora_bias or spec.bias != "none"):
+        raise AdapterFormatError("alora_invocation_tokens", "an aLoRA without use_dora, lora_bias or trained "
+                                 "biases (those would change the rows before the invocation)",
+                                 f"use_dora={spec.use_dora}, lora_bias={spec.lora_bias}, bias={spec.bias!r}")
+    if spec.alora_invocation_tokens and spec.target_parameters:
+        raise AdapterFormatError("alora_invocation_tokens", "an aLoRA on modules only (target_parameters unset)",
+                                 list(spec.target_parameters))
 
 
 def _flag(cfg: dict, key: str) -> bool:
@@ -244,6 +254,14 @@ def _parameters(value) -> tuple[str, ...]:
     if value is None or (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
         return tuple(value or ())
     raise AdapterFormatError("target_parameters", "a list of parameter names", value)
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not value or not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise AdapterFormatError("alora_invocation_tokens", "null or a non-empty list of token ids", value)
+    return tuple(value)
 
 
 def _layers(value) -> tuple[int, ...]:
@@ -317,6 +335,8 @@ def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
     folder = Path(folder)
     spec = parse_lora_config(read_config(folder, CONFIG_FILE))
     targets = _target_names(spec, model)
+    if spec.alora_invocation_tokens:
+        check_activation(spec.alora_invocation_tokens, targets, model)
     params = param_targets(spec.target_parameters, named_layers(model), set(targets))
     parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), [*targets, *(p.path for p in params)], model)
     modules = {name: _module_draft(spec, model, name, parts.get(name, {})) for name in targets}

@@ -12,7 +12,8 @@ Parameters targeted by `target_parameters` (MoE routers and fused experts) get t
 lora_params.py: a router's delta is a ModuleDelta like a Linear's, the experts' an ExpertsDelta.
 
 One `LoraContext` is shared by all wrappers of a model; the engine sets `ctx.plan` before each
-forward. `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
+forward, and `ctx.gate` when an aLoRA row is in it (alora.py: its delta is zero before its
+invocation). `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
 
 Strategy: gather-batched (BGMV style). At plan build, for each module, the A/B of every row
 with a delta there are stacked (s folded into B) and zero-padded to the batch's largest rank;
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 ONE_THREAD_MAX_TOKENS = 64  # CPU deltas over at most this many tokens run on one thread (see apply)
-ONE_THREAD_MAX_WEIGHTS = 256 * 1024  # ... and over at most this many A+B elements (1 MiB in fp32)
+ONE_THREAD_MAX_WEIGHTS = 512 * 1024  # ... and over at most this many A+B elements (2 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -101,28 +102,32 @@ class ModuleDelta:
     B: Tensor  # [M, out, R]: each row's s·B, zero-padded; [out, r] when shared
     shift: Tensor | None  # [M, 1, out] (or [out]): each row's `shift`, zeros where none; None if none
     dora: Tensor | None  # [M, 1, out] (or [out]): each row's DoRA g, ones on plain rows; None if no DoRA
+    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
 
-    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
-        """Add the delta to `out` = base_layer(x) in place and return it.
+    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
+        each row's delta applies (None: everywhere).
 
         Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
         sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
         75M bench model, 8 rows of 8 adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms
-        with 1. With many distinct adapters the stacked weights no longer sit in cache and streaming
-        them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one thread
-        (BENCHMARKS.md); both threads then.
+        with 1; 8 rows of 8 two-LoRA combinations (rank 32: 393k elements at q and o), 6.9-7.1 ms with
+        2 and 4.6-5.1 ms with 1. With many distinct adapters the stacked weights no longer sit in cache
+        and streaming them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one
+        thread (BENCHMARKS.md); both threads then.
         """
         small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
+        gate = gate if self.gated else None
         if not (x.is_cpu and small and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
-            return self._apply(x, out, base_bias)
+            return self._apply(x, out, base_bias, gate)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._apply(x, out, base_bias)
+            return self._apply(x, out, base_bias, gate)
         finally:
             torch.set_num_threads(threads)
 
-    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None) -> Tensor:
+    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None) -> Tensor:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
         out3 = out.view(out.shape[0], -1, out.shape[-1])  # [N, L, out], shares out's storage
         xs = x3 if self.rows is None else x3.index_select(0, self.rows)  # [M, L, in]
@@ -136,6 +141,8 @@ class ModuleDelta:
             delta = (self.dora - 1) * xw + self.dora * delta
         if self.shift is not None:
             delta = delta + self.shift
+        if gate is not None:  # exact zeros where an aLoRA row is not active yet
+            delta = delta.masked_fill(~(gate if self.rows is None else gate.index_select(0, self.rows)), 0.0)
         if self.rows is None:
             out3.add_(delta)
         else:
@@ -143,19 +150,19 @@ class ModuleDelta:
         return out
 
     @staticmethod
-    def build(per_row: list[LoraWeights | None]) -> ModuleDelta:
+    def build(per_row: list[LoraWeights | None], gated: bool = False) -> ModuleDelta:
         """per_row[i]: row i's weights for this module, None where it gets no delta."""
         idx = [i for i, w in enumerate(per_row) if w is not None]
         ws = [per_row[i] for i in idx]
         rows = None if len(idx) == len(per_row) else torch.tensor(idx, device=ws[0].A.device)
         if all(w is ws[0] for w in ws):  # one adapter: no per-row copies
-            return ModuleDelta(rows, ws[0].A, ws[0].B * ws[0].scale, ws[0].shift, ws[0].dora_scale)
+            return ModuleDelta(rows, ws[0].A, ws[0].B * ws[0].scale, ws[0].shift, ws[0].dora_scale, gated)
         rank = max(w.rank for w in ws)
         a = torch.stack([w.A if w.rank == rank else F.pad(w.A, (0, 0, 0, rank - w.rank)) for w in ws])
         b = torch.stack([w.B if w.rank == rank else F.pad(w.B, (0, rank - w.rank)) for w in ws])
         scales = torch.tensor([w.scale for w in ws], device=b.device)[:, None, None]  # [M, 1, 1] fp32
         return ModuleDelta(rows, a, (b * scales).to(b.dtype),
-                           _per_row(ws, "shift", 0.0), _per_row(ws, "dora_scale", 1.0))
+                           _per_row(ws, "shift", 0.0), _per_row(ws, "dora_scale", 1.0), gated)
 
 
 def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
@@ -183,7 +190,9 @@ class LoraPlan:
         if not names and not experts:
             return None
         return LoraPlan(len(rows), {
-            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows]) for name in names
+            name: ModuleDelta.build([None if a is None else a.modules.get(name) for a in rows],
+                                    any(a.spec.alora_invocation_tokens for a in rows if a and name in a.modules))
+            for name in names
         }, {
             name: ExpertsDelta.build([None if a is None else a.experts.get(name) for a in rows]) for name in experts
         })
@@ -194,6 +203,7 @@ class LoraContext:
 
     def __init__(self) -> None:
         self.plan: LoraPlan | None = None
+        self.gate: Tensor | None = None  # [N, L, 1] bool, with aLoRA rows: where each row's LoRA applies
         self.clock: AdapterClock | None = None  # set on measured decode steps only
 
 
@@ -217,7 +227,7 @@ class LoraLinear(LoraWrapper):
         if delta is None:
             return out
         with measured(self.ctx.clock):
-            return delta.apply(x, out, self.base_layer.bias)
+            return delta.apply(x, out, self.base_layer.bias, self.ctx.gate)
 
 
 def ensure_wrapped(model: nn.Module, module_names, ctx: LoraContext) -> None:

@@ -3,12 +3,13 @@
 PEFT saves both as `prompt_embeddings` [n_virtual, hidden]: the final virtual-token
 embeddings (for p-tuning, the prompt encoder's output at save time). At inference
 they are prepended before the prompt's embeddings; positions run 0..n_virtual+L-1.
-The virtual tokens' KV entries are the same for every request, so the engine
-computes them once per adapter (`PromptAdapter.prefix`) and copies them into a row.
+The virtual tokens' KV entries are the same for every request of one adapter (or one
+combination of adapters: they pass through its LoRA and bottleneck too), so the engine computes
+them once per adapter or combination and mode (`Adapter.prefixes`) and copies them into a row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,6 @@ class PrefixKV:
 class PromptAdapter:
     spec: PromptSpec
     embeddings: Tensor  # [n_virtual, hidden]
-    prefix: PrefixKV | None = field(default=None, repr=False)  # filled by the engine on first use
 
     @property
     def n_virtual(self) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.adapters.adapter import Adapter, Entry, default_mode_for, describe
+from server.adapters.composition import Composite, Composites, Part, compose
 from server.adapters.kinds import complete, read_adapter
 from server.errors import (
     AdapterCapacityError,
@@ -65,6 +66,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._resident: OrderedDict[str, Adapter] = OrderedDict()  # least recently used first
         self._orphans: dict[int, Adapter] = {}  # deleted or replaced, still held by requests
+        self._composites = Composites()  # combinations of resident adapters, built once each
         self._lock = threading.Lock()  # the maps above and `users`; never held across I/O or an await
         self._admin = threading.Lock()  # serialises writes to the store
         self._model_lock = threading.Lock()  # one load at a time touches the base model (LoRA wraps modules)
@@ -140,11 +142,11 @@ class Registry:
         if not replace and name in self._entries:
             raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it")
         sel = _untrusted(select, raw)
-        mode = default_mode_for(sel.kind, default_mode)
         built = staging / "adapter"
         files = _untrusted(normalise, sel, built)
         with self._model_lock:
             kind, draft = _untrusted(read_adapter, built, self.base)
+        mode = default_mode_for(sel.kind, default_mode, kind == "lora" and bool(draft.spec.alora_invocation_tokens))
         weights = _untrusted(self.on_engine, lambda: complete(draft, self.base))
         need = self._device_bytes(weights.size_bytes)
         if self.max_memory_bytes and need > self.max_memory_bytes:
@@ -264,8 +266,39 @@ class Registry:
                 if entry.adapter is not None and self._entries.get(name) is entry:
                     return self._take(entry)
 
-    def release(self, adapter: Adapter) -> None:
-        """A request holding `adapter` ended (any thread)."""
+    async def acquire_all(self, parts: tuple[Part, ...]) -> Adapter | Composite:
+        """Several adapters for one request (composition.check_parts' tuple): each acquired, and their
+        Composite built once per distinct combination; the caller must `release` what it gets."""
+        held: list[Adapter] = []
+        try:
+            for part in parts:
+                held.append(await self.acquire(part.name))
+            if len(parts) == 1 and parts[0].weight == 1.0:
+                return held[0]
+            return await self._composite(held, [p.weight for p in parts])
+        except BaseException:
+            for adapter in held:
+                self.release(adapter)
+            raise
+
+    async def _composite(self, held: list[Adapter], weights: list[float]) -> Composite:
+        key = Composites.key(held, weights)
+        with self._lock:
+            found = self._composites.get(key)
+        if found is not None:
+            return found
+        built = await asyncio.to_thread(self.on_engine, lambda: compose(held, weights))
+        with self._lock:
+            if any(self._resident.get(a.name) is not a for a in held):
+                return built  # a member left residency meanwhile: serve this request, keep nothing
+            return self._composites.put(key, built)
+
+    def release(self, adapter: Adapter | Composite) -> None:
+        """A request holding `adapter` (or a Composite: each of its members) ended (any thread)."""
+        if isinstance(adapter, Composite):
+            for member in adapter.members:
+                self.release(member)
+            return
         freed = False
         with self._lock:
             adapter.users -= 1
@@ -325,7 +358,7 @@ class Registry:
                 if victims is not None:
                     for name in victims:
                         self._entries[name].adapter = None
-                        del self._resident[name]
+                        self._composites.forget(self._resident.pop(name))
                     entry.adapter = adapter
                     self._resident[entry.name] = adapter
                     self.peak_resident = max(self.peak_resident, len(self._resident) + len(self._orphans))
@@ -379,6 +412,7 @@ class Registry:
         """Under the lock: `entry` is no longer registered; its adapter lives on while requests hold it."""
         adapter, entry.adapter = entry.adapter, None
         if adapter is not None:
+            self._composites.forget(adapter)
             if self._resident.get(entry.name) is adapter:
                 del self._resident[entry.name]
             if adapter.users > 0:

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from server.api.generation import Generation, Job, Outcome
+from server.api.generation import Generation, Job, Outcome, Selection
 from server.engine.sampling import SamplingParams
 
 SEED_SPAN = 2**64  # seeds wrap within what torch.Generator accepts
@@ -29,7 +29,7 @@ def sample_params(params: SamplingParams, j: int) -> SamplingParams:
     return replace(params, seed=seed - SEED_SPAN if seed >= SEED_SPAN else seed)
 
 
-async def open_choices(gen: Generation, adapter: str | None, prompts: list[list[int]], n: int,
+async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[int]], n: int,
                        params: SamplingParams, limit_name: str) -> list[Choice]:
     """Check and acquire every choice's job; if one is refused, the ones already made are released."""
     choices: list[Choice] = []

@@ -10,6 +10,7 @@ from server.api.deps import require_api_key
 from server.api.generation import Generation, Item, Job, Outcome
 from server.api.schemas import GenerateBody
 from server.api.sse import EventStream, stream_response
+from server.errors import InvalidRequestError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -17,8 +18,11 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.post("/generate")
 async def generate(body: GenerateBody, request: Request, adapter: str | None = None):
     gen: Generation = request.app.state.generation
+    if adapter and body.adapters is not None:
+        raise InvalidRequestError(f"adapters: expected either ?adapter=NAME or an `adapters` list in the body, got "
+                                  f"both (?adapter={adapter})")
     ids = await gen.tokenize(body.prompt, body.prompt_token_ids)
-    job = await gen.job(adapter or None, ids, body.params(body.max_new_tokens), body.mode)
+    job = await gen.job(body.parts() or adapter or None, ids, body.params(body.max_new_tokens), body.mode)
     if body.stream:
         return await _sse(gen, job)
     return JSONResponse(_response(job, await gen.run(job)))

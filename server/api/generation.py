@@ -7,8 +7,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from server.adapters.lora import check_mergeable
 from server.adapters.adapter import Adapter
+from server.adapters.composition import Composite, Part
+from server.adapters.lora import check_mergeable
 from server.api.drain import Drain
 from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
@@ -18,15 +19,16 @@ from server.errors import HotswapError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 Item = tuple[int | None, str, "Outcome"]  # (token id, new text, running outcome); token id None: the final one
+Selection = str | tuple[Part, ...] | None  # what a request runs: an adapter, several (check_parts'), or the base
 
 
 @dataclass
 class Job:
-    """A checked request: token ids, sampling, the adapter (acquired) and the mode."""
+    """A checked request: token ids, sampling, the adapter or combination (acquired) and the mode."""
 
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: Adapter | None
+    adapter: Adapter | Composite | None
     mode: str
 
     @property
@@ -68,19 +70,19 @@ class Generation:
             raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
         return ids
 
-    async def job(self, adapter_name: str | None, ids: list[int], params: SamplingParams, mode: str | None,
+    async def job(self, selection: Selection, ids: list[int], params: SamplingParams, mode: str | None,
                   limit_name: str = "max_new_tokens") -> Job:
-        """Check limits and acquire the adapter; the caller must `finish(job)` when done.
+        """Check limits and acquire the adapter(s); the caller must `finish(job)` when done.
         `limit_name` is the API's name for max_new_tokens in error messages (OpenAI: max_tokens)."""
         if params.max_new_tokens > self.max_new_tokens_limit:
             raise InvalidRequestError(
                 f"{limit_name}: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
             )
-        adapter = await self.registry.acquire(adapter_name) if adapter_name else None
+        adapter = await self._acquire(selection)
         try:
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
             if resolved == "merged":
-                check_mergeable(self.base.hf, adapter.weights)
+                check_mergeable(self.base.hf, adapter.parts.lora)
             self._check_context(ids, params, adapter, limit_name)
         except HotswapError:
             if adapter:
@@ -88,7 +90,15 @@ class Generation:
             raise
         return Job(ids, params, adapter, resolved)
 
-    def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | None, limit_name: str) -> None:
+    async def _acquire(self, selection: Selection) -> Adapter | Composite | None:
+        if selection is None:
+            return None
+        if isinstance(selection, str):
+            return await self.registry.acquire(selection)
+        return await self.registry.acquire_all(selection)
+
+    def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | Composite | None,
+                       limit_name: str) -> None:
         n_virtual = adapter.n_virtual if adapter else 0
         total = n_virtual + len(ids) + params.max_new_tokens
         limit = self.base.geometry.max_len

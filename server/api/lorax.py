@@ -7,7 +7,11 @@
   own `/generate` body keeps its contract.
 
 `parameters.adapter_id` is the name of a registered adapter (any kind; `adapter_source` is not
-needed: upload or register the adapter first). Sampling follows TGI: greedy unless `do_sample`
+needed: upload or register the adapter first). `parameters.merged_adapters` `{"ids", "weights",
+"merge_strategy": "linear"}` runs those adapters combined, as our `adapters` list does: the exact
+weighted sum of the LoRAs' deltas (composition.py). LoRAX's own "linear" weights and sums the A and
+the B matrices separately instead (an approximation that needs equal ranks); its other strategies
+are refused. Sampling follows TGI: greedy unless `do_sample`
 or a temperature, top_k or top_p is set; no `max_new_tokens` means up to the end of the context.
 Every event's `token.text` is the text that token added (stop strings held back, as in our
 streams), so the non-special tokens' texts join to `generated_text`.
@@ -15,14 +19,17 @@ streams), so the non-special tokens' texts join to `generated_text`.
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ConfigDict, Field
 
 from server.api.deps import require_api_key
-from server.api.generation import Generation, Item, Job, Outcome
+from server.adapters.composition import Part, check_parts
+from server.api.generation import Generation, Item, Job, Outcome, Selection
 from server.api.models import default_max_tokens
 from server.api.openai_schemas import NullIsAbsent
+from server.api.schemas import KnownFields
 from server.api.sse import EventStream, stream_response
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
@@ -31,12 +38,39 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 LORAX_GENERATE = "/lorax/generate"  # where LoraxBodies sends a LoRAX body posted to /generate
 
 
-class LoraxParameters(NullIsAbsent):
+class MergedAdapters(NullIsAbsent):
+    """LoRAX's `parameters.merged_adapters`; `density` and `majority_sign_method` only tune the
+    strategies other than linear."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    ids: list[str] = Field(min_length=1)
+    weights: list[float] = Field(default_factory=list)
+    merge_strategy: str = "linear"
+    density: float = 1.0
+    majority_sign_method: str | None = None
+
+    def parts(self) -> tuple[Part, ...]:
+        if self.merge_strategy.lower() != "linear":
+            raise InvalidRequestError(f"parameters.merged_adapters.merge_strategy: expected linear (hotswap combines "
+                                      f"adapters exactly, as its `adapters` list), got {self.merge_strategy!r}")
+        weights = self.weights or [1.0] * len(self.ids)  # LoRAX: no weights, all ones
+        if len(weights) != len(self.ids):
+            raise InvalidRequestError(f"parameters.merged_adapters.weights: expected one per id ({len(self.ids)}), "
+                                      f"got {len(weights)}")
+        return check_parts([Part(name, w) for name, w in zip(self.ids, weights)])
+
+
+class LoraxParameters(KnownFields, NullIsAbsent):
     model_config = ConfigDict(extra="ignore")
+    misplaced: ClassVar[dict[str, str]] = {
+        name: "the adapter in parameters.adapter_id (several: parameters.merged_adapters)"
+        for name in ("adapter", "adapter_name", "adapters", "lora", "model")
+    }
 
     adapter_id: str | None = None
     adapter_source: str | None = None
-    merged_adapters: dict | None = None
+    merged_adapters: MergedAdapters | None = None
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1)
     ignore_eos_token: bool = False
@@ -58,7 +92,7 @@ class LoraxParameters(NullIsAbsent):
 
     def unsupported(self) -> str | None:
         """The first asked-for feature hotswap does not implement, as a message; None if none."""
-        asks = {"merged_adapters": self.merged_adapters is not None, "response_format": self.response_format is not None,
+        asks = {"response_format": self.response_format is not None,
                 "best_of": (self.best_of or 1) > 1, "watermark": self.watermark,
                 "repetition_penalty": self.repetition_penalty not in (None, 1.0),
                 "typical_p": self.typical_p not in (None, 1.0)}
@@ -133,12 +167,21 @@ async def _job(gen: Generation, body: LoraxRequest, request: Request) -> Job:
     problem = p.unsupported()
     if problem:
         raise InvalidRequestError(problem)
+    selection = _selection(p)
     ids = await gen.tokenize(body.inputs, None)
     if p.truncate:
         ids = ids[-p.truncate:]
-    model = p.adapter_id or request.app.state.base.name
-    limit = p.max_new_tokens or default_max_tokens(request.app, model, ids)
-    return await gen.job(p.adapter_id, ids, p.params(limit), None)
+    limit = p.max_new_tokens or default_max_tokens(request.app, selection, ids)
+    return await gen.job(selection, ids, p.params(limit), None)
+
+
+def _selection(p: LoraxParameters) -> Selection:
+    if p.merged_adapters is None:
+        return p.adapter_id
+    if p.adapter_id:
+        raise InvalidRequestError(f"parameters.adapter_id: expected it unset with merged_adapters (they name the "
+                                  f"adapters), got {p.adapter_id!r}")
+    return p.merged_adapters.parts()
 
 
 def _summary(gen: Generation, job: Job, out: Outcome, p: LoraxParameters) -> dict:

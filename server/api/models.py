@@ -9,11 +9,23 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from server.adapters.adapter import Entry
+from server.adapters.composition import Part
+from server.api.generation import Selection
+from server.errors import InvalidRequestError
 
 
 def adapter_of(app: FastAPI, model: str) -> str | None:
     """None for the base model's name, else the adapter name (checked when the request acquires it)."""
     return None if model == app.state.base.name else model
+
+
+def selection_of(app: FastAPI, model: str, parts: tuple[Part, ...] | None) -> Selection:
+    """What a request runs: the adapter `model` names, or its `adapters` list (then `model` is the base's)."""
+    name = adapter_of(app, model)
+    if parts is not None and name is not None:
+        raise InvalidRequestError(f"model: expected the base model's name {app.state.base.name!r} with an "
+                                  f"`adapters` list (the list names the adapters), got {model!r}")
+    return parts or name
 
 
 def n_virtual(entry: Entry | None) -> int:
@@ -30,9 +42,11 @@ def entry_of(app: FastAPI, model: str) -> Entry | None:
     return app.state.registry.get(name) if name else None
 
 
-def default_max_tokens(app: FastAPI, model: str, prompt_ids: list[int]) -> int:
+def default_max_tokens(app: FastAPI, selection: Selection, prompt_ids: list[int]) -> int:
     """No max_tokens given: up to the end of the context (as vLLM), within --max-new-tokens-limit."""
-    room = max_model_len(app, entry_of(app, model)) - len(prompt_ids)
+    names = [] if selection is None else [selection] if isinstance(selection, str) else [p.name for p in selection]
+    virtual = sum(n_virtual(app.state.registry.get(name)) for name in names)
+    room = app.state.base.geometry.max_len - virtual - len(prompt_ids)
     return max(1, min(room, app.state.generation.max_new_tokens_limit))
 
 

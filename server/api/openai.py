@@ -13,13 +13,14 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from server.adapters.composition import Composite
 from server.api import openai_format as fmt
 from server.api.chat_prompt import chat_prompt_ids
 from server.api.choices import Choice, open_choices, run_choices, stream_choices
 from server.api.deps import require_api_key, synced_store
 from server.api.generation import Generation, Outcome
 from server.api.logprobs import chat_logprobs, legacy_logprobs
-from server.api.models import adapter_of, card, default_max_tokens, entry_of
+from server.api.models import card, default_max_tokens, entry_of, selection_of
 from server.api.openai_schemas import ChatRequest, CompletionRequest
 from server.api.sse import EventStream, stream_response
 from server.errors import InvalidRequestError
@@ -44,13 +45,20 @@ async def completions(body: CompletionRequest, request: Request):
     gen: Generation = request.app.state.generation
     prompts = [await (gen.tokenize(p, None) if isinstance(p, str) else gen.tokenize(None, p)) for p in body.prompts()]
     params = body.params(body.max_tokens)
-    choices = await open_choices(gen, adapter_of(request.app, body.model), prompts, body.n, params, "max_tokens")
-    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    selection = selection_of(request.app, body.model, body.parts())
+    choices = await open_choices(gen, selection, prompts, body.n, params, "max_tokens")
+    rid, model = f"cmpl-{uuid.uuid4().hex[:24]}", _model(body.model, choices)
     if body.stream:
-        return await _stream(gen, choices, fmt.Chunks(rid, body.model, False, body.include_usage), strip=False)
+        return await _stream(gen, choices, fmt.Chunks(rid, model, False, body.include_usage), strip=False)
     outs = await run_choices(gen, choices)
     texts = [_completion_choice(gen, body, c, o) for c, o in zip(choices, outs)]
-    return JSONResponse({**fmt.envelope(rid, body.model, False, texts), "usage": fmt.usage(choices, outs)})
+    return JSONResponse({**fmt.envelope(rid, model, False, texts), "usage": fmt.usage(choices, outs)})
+
+
+def _model(model: str, choices: list[Choice]) -> str:
+    """The response's `model`: the one asked for, or the combination an `adapters` list ran."""
+    adapter = choices[0].job.adapter
+    return adapter.name if isinstance(adapter, Composite) else model
 
 
 def _check_completion(body: CompletionRequest) -> None:
@@ -79,14 +87,15 @@ async def chat_completions(body: ChatRequest, request: Request):
     gen: Generation = request.app.state.generation
     ids, templated = await asyncio.to_thread(chat_prompt_ids, gen.base.tokenizer, body.messages)
     ids = await gen.tokenize(None, ids)
-    params = body.params(body.limit(default_max_tokens(request.app, body.model, ids)))
-    choices = await open_choices(gen, adapter_of(request.app, body.model), [ids], body.n, params, "max_tokens")
-    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    selection = selection_of(request.app, body.model, body.parts())
+    params = body.params(body.limit(default_max_tokens(request.app, selection, ids)))
+    choices = await open_choices(gen, selection, [ids], body.n, params, "max_tokens")
+    rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", _model(body.model, choices)
     if body.stream:
-        return await _stream(gen, choices, fmt.Chunks(rid, body.model, True, body.include_usage), strip=not templated)
+        return await _stream(gen, choices, fmt.Chunks(rid, model, True, body.include_usage), strip=not templated)
     outs = await run_choices(gen, choices)
     replies = [_chat_choice(gen, body, c, o, templated) for c, o in zip(choices, outs)]
-    return JSONResponse({**fmt.envelope(rid, body.model, True, replies), "usage": fmt.usage(choices, outs)})
+    return JSONResponse({**fmt.envelope(rid, model, True, replies), "usage": fmt.usage(choices, outs)})
 
 
 def _chat_choice(gen: Generation, body: ChatRequest, c: Choice, out: Outcome, templated: bool) -> dict:

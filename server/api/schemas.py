@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
+from server.adapters.composition import MAX_PARTS, Part, check_parts
 from server.engine.sampling import SamplingParams
+from server.errors import InvalidRequestError
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed accepts
 
@@ -27,8 +29,44 @@ def encodable(value: object) -> object:
     return value
 
 
-class SamplingFields(BaseModel):
+class KnownFields(BaseModel):
+    """Refuses body fields that would change the request's meaning if they were dropped: `misplaced`
+    names where each of those goes; with `strict`, every field the body does not define is refused."""
+
+    misplaced: ClassVar[dict[str, str]] = {}
+    strict: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: object) -> object:
+        for key in data if isinstance(data, dict) else ():
+            if key in cls.model_fields:
+                continue
+            if key in cls.misplaced:
+                raise InvalidRequestError(f"{key}: expected {cls.misplaced[key]}, got {key!r} in the body")
+            if cls.strict:
+                raise InvalidRequestError(f"{key}: expected only the fields {', '.join(cls.model_fields)}, "
+                                          f"got {key!r}, which this endpoint does not define")
+        return data
+
+
+class AdapterEntry(BaseModel):
+    """One adapter of a request's `adapters` list."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    _utf8 = field_validator("*")(encodable)
+
+    name: str
+    weight: float = 1.0
+
+
+class SamplingFields(KnownFields):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN and ±inf are refused in every float field
+    misplaced: ClassVar[dict[str, str]] = {
+        name: "the adapter as `model` (several: an `adapters` list of {name, weight})"
+        for name in ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request")
+    }
 
     _utf8 = field_validator("*")(encodable)
 
@@ -52,7 +90,23 @@ class SamplingFields(BaseModel):
         )
 
 
-class GenerateBody(SamplingFields):
+class Composable(BaseModel):
+    """Requests that may combine adapters: `adapters`, a list of {name, weight}."""
+
+    adapters: list[AdapterEntry] | None = Field(None, min_length=1, max_length=MAX_PARTS)
+
+    def parts(self) -> tuple[Part, ...] | None:
+        """The list as composition.check_parts gives it, None without one."""
+        return None if self.adapters is None else check_parts([Part(a.name, a.weight) for a in self.adapters])
+
+
+class GenerateBody(Composable, SamplingFields):
+    strict: ClassVar[bool] = True  # our own API: a field it does not define is a mistake, never ignored
+    misplaced: ClassVar[dict[str, str]] = {
+        name: "the adapter in the query, POST /generate?adapter=NAME (several: an `adapters` list of {name, weight})"
+        for name in ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request", "model")
+    }
+
     prompt: str | None = None
     prompt_token_ids: list[StrictInt] | None = None
     max_new_tokens: int = Field(16, ge=1)
@@ -60,7 +114,7 @@ class GenerateBody(SamplingFields):
     mode: Literal["merged", "unmerged"] | None = None
 
 
-class CompletionBody(SamplingFields):
+class CompletionBody(Composable, SamplingFields):
     model: str
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: int = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing
@@ -91,7 +145,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatBody(SamplingFields):
+class ChatBody(Composable, SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)

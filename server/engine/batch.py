@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from server.adapters.bottleneck import BottleneckHooks
 from server.adapters.lora import LoraPlan
 from server.decoder import PLAIN, ResidualHooks
@@ -20,23 +23,29 @@ class Plans:
 
     lora: LoraPlan | None
     residual: ResidualHooks
+    lora_starts: Tensor | None = None  # [N, 1] long: where each row's LoRA applies from; None: everywhere
 
     @staticmethod
     def build(rows: list[Request]) -> "Plans":
-        lora_rows = [r.adapter.weights if _is_unmerged_lora(r) else None for r in rows]
-        bn_rows = [r.adapter.weights if r.kind == "bottleneck" else None for r in rows]
+        lora_rows = [r.parts.lora if r.mode == "unmerged" else None for r in rows]
+        bn_rows = [r.parts.bottleneck for r in rows]
         lora = LoraPlan.build(lora_rows) if any(lora_rows) else None
         residual = BottleneckHooks.build(bn_rows) if any(bn_rows) else PLAIN
-        return Plans(lora, residual)
+        starts = [r.lora_start if a else 0 for r, a in zip(rows, lora_rows)]  # aLoRA rows: their invocation
+        if not any(starts):
+            return Plans(lora, residual)
+        device = next(iter(lora.modules.values())).A.device
+        return Plans(lora, residual, torch.tensor(starts, device=device)[:, None])
 
-
-def _is_unmerged_lora(r: Request) -> bool:
-    return r.kind == "lora" and r.mode == "unmerged"
+    def gate(self, positions: Tensor) -> Tensor | None:
+        """positions: [N, L] -> [N, L, 1] bool, where each row's LoRA applies (aLoRA rows); None: everywhere."""
+        return None if self.lora_starts is None else (positions >= self.lora_starts)[..., None]
 
 
 def batch_kinds(rows: list[Request]) -> str:
-    """The batch's kinds as a canonical label, e.g. `base+bottleneck+lora_unmerged`."""
-    labels = {f"lora_{r.mode}" if r.kind == "lora" else r.kind for r in rows}
+    """The batch's kinds as a canonical label, e.g. `base+bottleneck+lora_unmerged` (a row that
+    combines adapters counts each of its kinds)."""
+    labels = {f"lora_{r.mode}" if kind == "lora" else kind for r in rows for kind in r.kind.split("+")}
     return "+".join(sorted(labels)) or "empty"
 
 

@@ -25,7 +25,7 @@ def non_finite(req: Request) -> NonFiniteLogitsError:
     if req.adapter is None:
         who = "the base model"
     else:
-        mode = f", {req.mode}" if req.kind == "lora" else ""
+        mode = f", {req.mode}" if req.parts.lora else ""
         who = f"adapter {req.adapter.name!r} ({req.kind}{mode})"
     return NonFiniteLogitsError(
         f"logits: expected finite values, got NaN or inf from {who} at output token {len(req.output_ids) + 1}; "

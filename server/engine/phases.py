@@ -49,7 +49,7 @@ class Phases:
         adapter = next(r.adapter for r in self.scheduler.waiting if r.phase == phase)
         t0 = time.perf_counter()
         try:
-            self.merged = merge(self.base.hf, adapter.weights)
+            self.merged = merge(self.base.hf, adapter.parts.lora)
         except HotswapError as exc:
             self._fail_waiting(phase, exc)
             return False

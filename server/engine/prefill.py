@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -83,6 +84,7 @@ class Prefiller:
     def _forward(self, x: Tensor, shape: StepShape, plans: Plans) -> Tensor:
         """x: [N, L, H] -> [N, L, H]: every forward over the cache, with the rows' adapter plans in place."""
         self.lora_ctx.plan = plans.lora
+        self.lora_ctx.gate = plans.gate(shape.positions)
         return self.decoder.forward(x, shape, self.cache, plans.residual)
 
     def _score_prompt(self, req: Request, hidden: Tensor) -> list[TokenLogprob]:
@@ -108,7 +110,7 @@ class Prefiller:
     def _load_prefix(self, req: Request, start: int) -> None:
         """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first."""
         if start:
-            prefix = self.prefix_of(_prompt_adapter(req))
+            prefix = self.prefix_of(req)
             self.cache.load_prefix(req.kv, prefix.keys, prefix.values)
 
     def prefill_chunk(self, req: Request, start: int, x: Tensor) -> Tensor:
@@ -129,18 +131,20 @@ class Prefiller:
             return 0, torch.cat([prompt.embeddings.to(x.dtype), x])  # [n_virtual + L, H]
         return prompt.n_virtual, x
 
-    def prefix_of(self, prompt: PromptAdapter) -> PrefixKV:
-        """The virtual tokens' KV, computed once per adapter on first use."""
-        if prompt.prefix is None:
+    def prefix_of(self, req: Request) -> PrefixKV:
+        """The virtual tokens' KV through the row's adapted model (with the LoRA and bottleneck it
+        combines them with), computed once per adapter or combination and mode, on first use."""
+        prefixes = req.adapter.prefixes
+        if req.mode not in prefixes:
+            prompt = _prompt_adapter(req)
             n, table = prompt.n_virtual, BlockTable()
-            self.lora_ctx.plan = None
             x = prompt.embeddings.to(self.base.dtype)[None]  # [1, n, H]
             try:
-                self.decoder.forward(x, self.cache.step([table], [0], n), self.cache, PLAIN)
-                prompt.prefix = PrefixKV(*self.cache.read_prefix(table, n))
+                self._forward(x, self.cache.step([table], [0], n), Plans.build([req]))
+                prefixes[req.mode] = PrefixKV(*self.cache.read_prefix(table, n))
             finally:
                 self.cache.release(table)
-        return prompt.prefix
+        return prefixes[req.mode]
 
     def decode_logits(self, ids: Tensor, batch: Batch, clock: AdapterClock) -> Tensor:
         """ids: [N, 1] last tokens of the batch rows -> next-token logits [N, V]; adapter time on `clock`."""
@@ -148,7 +152,8 @@ class Prefiller:
         plans = batch.plans()
         if clock.active:
             self.lora_ctx.clock = clock
-            plans = Plans(plans.lora, plans.residual if plans.residual is PLAIN else TimedHooks(plans.residual, clock))
+            if plans.residual is not PLAIN:
+                plans = replace(plans, residual=TimedHooks(plans.residual, clock))
         try:
             hidden = self._forward(self.decoder.embed(ids), shape, plans)  # [N, 1, H]
         finally:
@@ -164,7 +169,7 @@ class Prefiller:
 
 
 def _prompt_adapter(req: Request) -> PromptAdapter | None:
-    return req.adapter.weights if req.kind == "prompt" else None
+    return req.parts.prompt
 
 
 def _pad(t: Tensor, length: int) -> Tensor:

@@ -5,14 +5,18 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
+from server.adapters.alora import row_start
+from server.adapters.composition import NO_PARTS, Parts
 from server.engine.cache import BlockTable
 from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from server.adapters.adapter import Adapter
+    from server.adapters.composition import Composite
 
 Mode = Literal["merged", "unmerged", "none"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -46,7 +50,7 @@ Event = TokenEvent | PromptLogprobsEvent | DoneEvent
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: "Adapter | None"
+    adapter: "Adapter | Composite | None"
     mode: Mode
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
@@ -64,6 +68,17 @@ class Request:
     @property
     def kind(self) -> str:
         return self.adapter.kind if self.adapter else "base"
+
+    @property
+    def parts(self) -> Parts:
+        return self.adapter.parts if self.adapter else NO_PARTS
+
+    @cached_property
+    def lora_start(self) -> int:
+        """The first row position where this row's LoRA applies: 0, or an aLoRA's invocation (alora.py)."""
+        lora = self.parts.lora
+        invocation = lora.spec.alora_invocation_tokens if lora else ()
+        return row_start(self.prompt_ids, invocation, self.adapter.n_virtual if self.adapter else 0)
 
     @property
     def phase(self) -> str:

@@ -240,7 +240,8 @@ QV = "base_model.model.model.layers.0.self_attn.q_proj"
     ("layer_replication", [[0, 2]]),
     ("target_parameters", "mlp.experts.gate_up_proj"),  # a string: PEFT wants a list
     ("use_qalora", True),
-    ("alora_invocation_tokens", [5, 6]),
+    ("alora_invocation_tokens", ["5", 6]),
+    ("alora_invocation_tokens", []),
     ("arrow_config", {"top_k": 2}),
     ("use_bdlora", {"lora_a_is_blockdiagonal": True}),
     ("kasa_config", {"beta": 1.0}),
