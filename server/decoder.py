@@ -10,9 +10,10 @@ honouring what the model passes it: `scaling`, GQA, `sliding_window`, `softcap`.
 
 No mask function is registered: transformers builds no mask for an attention implementation
 without one (masking_utils `_preprocess_mask_arguments` returns None), so it spends nothing on
-masks we would not read; ours come from the `StepShape`, per sliding window once per forward,
-and none at all when the rows are aligned (a prefill from position 0, a decode step of rows of one
-length): SDPA then runs its mask-free kernels.
+masks we would not read; ours are built from the `StepShape` by the first attention call that
+needs one, once per sliding window and forward, and none at all when the rows are aligned (a
+prefill from position 0, a decode step of rows of one length: SDPA then runs its mask-free
+kernels) or when a CPU decode step attends from the blocks (engine/paged_attention.py).
 
 Adapter wrappers installed on the model's modules (LoRA) take effect because its modules are
 called; bottleneck adapters join at the residual points of `server/residual.py`.
@@ -43,11 +44,12 @@ INFERENCE_NOOPS = {("wrapped_func", "deprecation.py"),  # deprecate_kwarg: renam
 
 @dataclass
 class Step:
-    """What one forward's attention calls share: the shape, the cache, masks per sliding window."""
+    """What one forward's attention calls share: the shape, the cache, masks built on first use
+    (a decode step attended from the blocks by the CPU kernel builds none)."""
 
     shape: StepShape
     cache: KVCache
-    windowed: dict[int, Tensor] = field(default_factory=dict)
+    masks: dict[int | None, Tensor] = field(default_factory=dict)  # by sliding window; None: causal only
 
     def mask(self, sliding_window: int | None) -> Tensor | None:
         """[N, 1, L, T] bool; with a window W, key j is seen by position p iff p - W < j <= p.
@@ -55,12 +57,20 @@ class Step:
         None where the mask is plain causal over T == L keys, or L == 1 and every key is seen: SDPA
         then needs none (its faster mask-free kernels; `is_causal` when L > 1)."""
         if sliding_window is None or sliding_window >= self.shape.span:
-            return None if self.shape.aligned else self.shape.mask
-        if sliding_window not in self.windowed:
-            keys = torch.arange(self.shape.span, device=self.shape.positions.device)  # [T]
-            recent = keys[None, None, :] > self.shape.positions[:, :, None] - sliding_window  # [N, L, T]
-            self.windowed[sliding_window] = self.shape.mask & recent[:, None]
-        return self.windowed[sliding_window]
+            return None if self.shape.aligned else self.causal()
+        if sliding_window not in self.masks:
+            recent = self._keys()[None, None, :] > self.shape.positions[:, :, None] - sliding_window  # [N, L, T]
+            self.masks[sliding_window] = self.causal() & recent[:, None]
+        return self.masks[sliding_window]
+
+    def causal(self) -> Tensor:
+        """[N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t."""
+        if None not in self.masks:
+            self.masks[None] = (self._keys()[None, None, :] <= self.shape.positions[:, :, None])[:, None]
+        return self.masks[None]
+
+    def _keys(self) -> Tensor:
+        return torch.arange(self.shape.span, device=self.shape.positions.device)  # [T]
 
 
 def attention(
@@ -92,7 +102,7 @@ def attention(
     keys, values = step.cache.read(module.layer_idx, shape, key, value)  # [N, Hkv, T, D]
     mask = step.mask(sliding_window)
     if softcap is not None:
-        out = _softcapped(query, keys, values, shape.mask if mask is None else mask, scaling, softcap)
+        out = _softcapped(query, keys, values, step.causal() if mask is None else mask, scaling, softcap)
     else:
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=mask is None and query.shape[2] > 1, scale=scaling,

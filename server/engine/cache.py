@@ -9,8 +9,8 @@ positions contiguously). Two blocks are never handed out:
 block 0 stays zeros and pads the tables of shorter rows when a step reads several rows at once;
 block 1 takes the writes of a prefill group's padding tokens, past a row's own blocks, and is never
 read. Blocks are zeroed when they return, so no row ever reads another request's values, even
-masked ones (a masked NaN would still poison the attention product). On the CPU the pool starts small and doubles
-when it runs out; on CUDA `initial_blocks` is the whole budget, allocated once.
+masked ones (a masked NaN would still poison the attention product). On the CPU the pool starts
+small and doubles when it runs out; on CUDA `initial_blocks` is the whole budget, allocated once.
 
 A forward's `StepShape` (built by `step`) says where each new token is written (block and offset)
 and which blocks each row reads (`table`, padded with block 0). `store` writes a layer's new k/v;
@@ -59,9 +59,8 @@ class StepShape:
 
     starts: Tensor  # [N] long
     positions: Tensor  # [N, L] long
-    mask: Tensor  # [N, 1, L, T] bool: query t of row i sees key j iff j <= starts[i] + t
     span: int  # T: keys attended (max over rows of starts + L)
-    aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: `mask` is plain causal
+    aligned: bool  # all rows start at the same position, and L == 1 or that start is 0: plain causal
     lengths: Tensor  # [N] long: starts + L, the keys each row's last query sees
     slot_blocks: Tensor  # [N * L] long: the block each new token's k/v goes to
     slot_offsets: Tensor  # [N * L] long: ... and its offset in that block
@@ -139,8 +138,6 @@ class KVCache:
         start_t = torch.tensor(starts, dtype=torch.long, device=device)  # [N]
         positions = start_t[:, None] + torch.arange(length, device=device)[None, :]  # [N, L]
         span = max(starts) + length
-        keys = torch.arange(span, device=device)  # [T]
-        mask = keys[None, None, :] <= positions[:, :, None]  # [N, L, T]
         aligned = min(starts) == max(starts) and (length == 1 or starts[0] == 0)
         width = self.blocks_for(span)
         rows = torch.tensor([t.blocks[:width] + [SINK_BLOCK] * (width - len(t.blocks[:width])) for t in tables],
@@ -148,7 +145,7 @@ class KVCache:
         b = self.block_tokens
         blocks = rows.gather(1, positions // b).reshape(-1)  # [N * L]
         read = None if max(starts) == 0 else rows.masked_fill(rows == SINK_BLOCK, NULL_BLOCK)
-        return StepShape(start_t, positions, mask[:, None], span, aligned, start_t + length, blocks,
+        return StepShape(start_t, positions, span, aligned, start_t + length, blocks,
                          (positions % b).reshape(-1), read)
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:

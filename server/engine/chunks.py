@@ -4,8 +4,8 @@ steps, so the streams already decoding never stall behind it for its whole prefi
 One such prompt is in progress at a time, in its own cache blocks (admission counts every chunked
 request as a running row); the others queue here in arrival order. While no row decodes, the
 chunks are --max-prefill-tokens long: nobody waits on them. When its last chunk is in, the request
-joins the batch with its blocks as they are and the first token sampled from the last chunk's logits. Requests that score their prompt
-(`prompt_logprobs`) are prefilled in one piece, as before.
+joins the batch with its blocks as they are and the first token sampled from the last chunk's
+logits. Requests that score their prompt (`prompt_logprobs`) are prefilled in one piece, as before.
 """
 from __future__ import annotations
 

@@ -67,7 +67,6 @@ class EngineSettings:
     kv_block_tokens: int = 16  # positions per KV-cache block
 
 
-
 class Engine:
     def __init__(
         self,

@@ -30,8 +30,8 @@ def kernel():
         if shutil.which("ninja") is None:  # torch builds with ninja: the pip package's, when none is on PATH
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return cpp_extension.load("hotswap_paged_attention", [str(SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"])
+        return cpp_extension.load("hotswap_paged_attention", [str(SOURCE)], extra_ldflags=["-fopenmp"],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the gather path serves
         log.warning("paged-attention CPU kernel unavailable (%s); decode attention gathers blocks instead", exc)
         return None
