@@ -28,7 +28,7 @@ cluster: $(STAMPS)/dev
 	$(PY) -m server.cluster --host $(HOST) --port $(PORT) --replicas $(REPLICAS)
 
 test: $(STAMPS)/dev
-	$(PY) -m server.engine.paged_attention
+	$(PY) -m server.kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Reproduces BENCHMARKS.md's table: builds the bench model once (offline), then server beside PEFT.

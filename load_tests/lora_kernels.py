@@ -10,8 +10,10 @@ prints the time of base q/k/v/o alone and the extra time of each strategy:
             (written here, for comparison only)
 - gathered: BGMV style: per-row A/B stacked and zero-padded to the max rank at plan build,
             two torch.bmm per forward (ModuleDelta fed per-row copies, so it never shares)
-- served:   server.adapters.lora_layer.ModuleDelta as the server builds it: gathered, except
-            that rows sharing one adapter use that adapter's A/B as they are (two folded matmuls)
+- stacked:  server.adapters.lora_delta.ModuleDelta as the server builds it off the CPU kernel:
+            gathered, except that rows sharing one adapter use its A/B as they are (two matmuls)
+- slot:     server.adapters.lora_delta.SlotDelta (CPU, when the kernels are built): each row from its
+            own adapter's weights by slot, server/kernels/lora_delta.cpp; prefill rows take `stacked`
 
 and the plan build time of each. "+" columns time the delta alone, added in place to a
 precomputed base output. Times are the minimum over repeated blocks (robust to other load on
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.adapters.lora_layer import LoraWeights, ModuleDelta
+from server import kernels
+from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta
 
 HIDDEN, KV = 768, 256
 MODULES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN)}  # name: (in, out)
@@ -70,7 +73,7 @@ def grouped_apply(groups: list[Group], x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def gathered_apply(delta: ModuleDelta, x: Tensor, out: Tensor) -> Tensor:
+def gathered_apply(delta: ModuleDelta | SlotDelta, x: Tensor, out: Tensor) -> Tensor:
     return delta.apply(x, out, None)
 
 
@@ -97,9 +100,10 @@ def adapters_for(ranks: list[int], device: str, dtype: torch.dtype) -> list[dict
 def run(device: str, dtype: torch.dtype, blocks: int) -> list[str]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     weights = {m: torch.randn(o, i, device=device, dtype=dtype) * 0.02 for m, (i, o) in MODULES.items()}
-    header = ("| L | composition | base q/k/v/o | grouped + | gathered + | served + | build grouped "
-              "| build gathered | build served |")
-    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    names = ["grouped", "gathered", "stacked"] + (["slot"] if device == "cpu" and kernels.cpu() is not None else [])
+    header = ("| L | composition | base q/k/v/o | " + " | ".join(f"{n} +" for n in names) + " | "
+              + " | ".join(f"build {n}" for n in names) + " |")
+    lines = [header, "| --- " * (3 + 2 * len(names)) + "|"]
     for length in (1, 32):
         x = torch.randn(ROWS, length, HIDDEN, device=device, dtype=dtype)  # [N, L, in]
         base = {m: F.linear(x, w) for m, w in weights.items()}  # [N, L, out]
@@ -114,8 +118,10 @@ def run(device: str, dtype: torch.dtype, blocks: int) -> list[str]:
             strategies = {
                 "grouped": (grouped_build, grouped_apply, per_module),
                 "gathered": (ModuleDelta.build, gathered_apply, copies),
-                "served": (ModuleDelta.build, gathered_apply, per_module),
+                "stacked": (ModuleDelta.build, gathered_apply, per_module),
+                "slot": (SlotDelta.build, gathered_apply, per_module),
             }
+            strategies = {n: strategies[n] for n in names}
             run_us, build_us = [], []
             for build, apply, inputs in strategies.values():
                 plans = {m: build(rows) for m, rows in inputs.items()}

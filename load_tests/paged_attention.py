@@ -8,7 +8,7 @@ lengths (each row 0..6 tokens shorter than the longest). For each (rows, context
   it was paged: no copy, every row padded to the longest);
 - `gather`: the rows' blocks gathered into that rectangle each step, then SDPA (what CUDA and
   prefills past position 0 do);
-- `kernel`: server/engine/paged_attention.cpp, each row over its own length, from the blocks.
+- `kernel`: server/kernels/paged_attention.cpp, each row over its own length, from the blocks.
 Medians in microseconds per layer (k and v), the three timed in turn within each round.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from server import kernels
 from server.engine import paged_attention
 
 HQ, HKV, D, BLOCK = 12, 4, 64, 16
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if paged_attention.kernel() is None:
+    if kernels.cpu() is None:
         raise SystemExit("the paged-attention kernel could not be built here (see the log)")
     print("| rows | context | rectangle (us) | gather (us) | kernel (us) | kernel / rectangle |")
     print("| --- | --- | --- | --- | --- | --- |")

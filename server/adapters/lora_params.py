@@ -17,7 +17,7 @@ so it is the inner wrapper and its file keys carry one `.base_layer` per wrapper
 parameter key matches an entry when equal or ending in "." + entry (no regex; exclude_modules and
 layers_to_transform do not apply); rank/alpha patterns are matched against that key.
 
-Served unmerged, per row: the router's per-row delta is a ModuleDelta (lora_layer) added to the one
+Served unmerged, per row: the router's per-row delta is a Linear's (lora_delta.py), added to the one
 F.linear that applies its weight, while the router's own code runs (`LoraRouter`). The experts run
 here (`LoraExperts`): pairs (token, chosen expert) sorted by expert as transformers' grouped_mm
 forward, base projections by grouped matmul, and each adapter of the batch adds s·B_e(A_e x) to its
@@ -52,7 +52,8 @@ from server.adapters.patterns import listed
 from server.errors import AdapterFormatError
 
 if TYPE_CHECKING:
-    from server.adapters.lora_layer import LoraContext, ModuleDelta
+    from server.adapters.lora_delta import ModuleDelta, SlotDelta
+    from server.adapters.lora_layer import LoraContext
     from server.engine.clock import AdapterClock
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # the fused experts' Parameters served
@@ -283,7 +284,8 @@ class LoraRouter(LoraWrapper):
 class _LogitsDelta(TorchFunctionMode):
     """Adds a router's per-row delta to the output of the F.linear that applies its weight."""
 
-    def __init__(self, weight: Tensor, delta: ModuleDelta, rows: int, clock: AdapterClock | None) -> None:
+    def __init__(self, weight: Tensor, delta: SlotDelta | ModuleDelta, rows: int,
+                 clock: AdapterClock | None) -> None:
         super().__init__()
         self.weight, self.delta, self.rows, self.clock = weight, delta, rows, clock
         self.count = 0

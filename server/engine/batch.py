@@ -34,7 +34,7 @@ class Plans:
         starts = [r.lora_start if a else 0 for r, a in zip(rows, lora_rows)]  # aLoRA rows: their invocation
         if not any(starts):
             return Plans(lora, residual)
-        device = next(iter(lora.modules.values())).A.device
+        device = next(iter(lora.modules.values())).device
         return Plans(lora, residual, torch.tensor(starts, device=device)[:, None])
 
     def gate(self, positions: Tensor) -> Tensor | None:

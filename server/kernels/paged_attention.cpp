@@ -1,6 +1,7 @@
 // Decode attention over a paged KV cache on the CPU: one query per row, each row over its own
 // cached length, reading keys and values where they lie in the block pool (no gather, no padding
-// to the longest row). Built at first use by server/engine/paged_attention.py.
+// to the longest row). Built with the other CPU kernels by server/kernels/__init__.py; called by
+// server/engine/paged_attention.py.
 //
 // q: [N, Hq, D]; pool_k, pool_v: [blocks, Hkv, B, D] (a block holds each head's B positions
 // contiguously, so a head's keys are read in runs of B * D); table: [N, W] int64 (row n's position p is in
@@ -109,8 +110,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor pool_k, torch::Tensor 
     });
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (one query per row)");
 }

@@ -1,0 +1,218 @@
+"""A wrapped module's LoRA: its weights, and the per-row delta of one batch composition, two ways.
+
+    SlotDelta    CPU, one token per row (decode): a slot table. Each distinct adapter at the module
+                 is a slot (the addresses of its A, B, shift and DoRA g; nothing copied), each row
+                 holds a slot index, and server/kernels/lora_delta.cpp computes every row from its
+                 own adapter's weights where they lie (BGMV). A join or a leave builds a table of a
+                 few integers; a row's delta is the same whatever else is in the batch.
+    ModuleDelta  anywhere else (CUDA, prefill, no compiler): gather-batched. The A/B of every row
+                 with a delta are stacked (s folded into B) and zero-padded to the batch's largest
+                 rank; a forward is one `index_select` (none when every row has a delta), two
+                 `torch.bmm` and one in-place add. When every such row has the same adapter its A
+                 and s·B are used as they are: two matmuls folded over all tokens, no copies.
+
+Decode, 8 rows of 8 adapters r=16, q 768->768, µs per call, fp32, 2 threads (Sapphire Rapids VM,
+`python -m load_tests.lora_kernels`): stacked bmm 34 with the weights in cache, 243 from memory;
+slot kernel 21 / 123. 32 rows of 32 adapters: 75 / 331 against 76 / 273. Prefill (32 tokens of a
+row) runs GEMMs better than the kernel's dots (33 vs 69 µs), so a SlotDelta builds its stacked form,
+once, the first time more than one token per row comes.
+
+Grouping rows by adapter (index, two matmuls, index_add per adapter) grows with the number of
+adapters; neither way here does (on an H200 in bf16, launch-bound: grouped 224-1710 µs vs stacked
+142-191 µs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from server import kernels
+
+ONE_THREAD_MAX_TOKENS = 64  # CPU stacked deltas over at most this many tokens run on one thread (see apply)
+ONE_THREAD_MAX_WEIGHTS = 512 * 1024  # ... and over at most this many A+B elements (2 MiB in fp32)
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module's LoRA, ready to serve. Shapes use the nn.Linear convention even for Conv1D."""
+
+    A: Tensor  # [r, in]
+    B: Tensor  # [out, r]; on the CPU stored column-major (Bᵀ contiguous), as the slot kernel streams it
+    scale: float  # s = alpha / r (rsLoRA: alpha / sqrt(r))
+    dora_scale: Tensor | None = None  # [out] DoRA g = magnitude / ‖W + s·BA‖ of the pristine base
+    lora_bias: Tensor | None = None  # [out] bias of lora_B (merged as s·b_B)
+    base_bias: Tensor | None = None  # [out] b': replaces the base layer's bias
+    shift: Tensor | None = None  # [out] s·b_B + (b' − b): what an unmerged row adds besides B(A x)
+
+    def __post_init__(self) -> None:
+        if self.B.is_cpu and not self.B.T.is_contiguous():
+            object.__setattr__(self, "B", self.B.T.contiguous().T)  # same values, Bᵀ's layout
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for f in fields(self) if isinstance(t := getattr(self, f.name), Tensor)]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraWeights:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[key] = value.to(device=device, dtype=dtype)
+        return LoraWeights(**moved)
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """The per-row delta of one wrapped module for one batch composition."""
+
+    rows: Tensor | None  # [M] long: rows with a delta here; None = all N rows, in order
+    A: Tensor  # [M, R, in]: each row's A zero-padded to the max rank R; [r, in] when all M rows share one
+    B: Tensor  # [M, out, R]: each row's s·B, zero-padded; [out, r] when shared
+    shift: Tensor | None  # [M, 1, out] (or [out]): each row's `shift`, zeros where none; None if none
+    dora: Tensor | None  # [M, 1, out] (or [out]): each row's DoRA g, ones on plain rows; None if no DoRA
+    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
+
+    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
+        each row's delta applies (None: everywhere).
+
+        Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
+        sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
+        75M bench model, 8 rows of 8 adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms
+        with 1; 8 rows of 8 two-LoRA combinations (rank 32: 393k elements at q and o), 6.9-7.1 ms with
+        2 and 4.6-5.1 ms with 1. With many distinct adapters the stacked weights no longer sit in cache
+        and streaming them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one
+        thread (BENCHMARKS.md); both threads then.
+        """
+        small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
+        gate = gate if self.gated else None
+        if not (x.is_cpu and small and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
+            return self._apply(x, out, base_bias, gate)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._apply(x, out, base_bias, gate)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None) -> Tensor:
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
+        out3 = out.view(out.shape[0], -1, out.shape[-1])  # [N, L, out], shares out's storage
+        xs = x3 if self.rows is None else x3.index_select(0, self.rows)  # [M, L, in]
+        if self.A.dim() == 2:  # one adapter: two matmuls folded over all M·L tokens
+            delta = F.linear(F.linear(xs, self.A), self.B)  # [M, L, r] -> [M, L, out]
+        else:
+            delta = torch.bmm(torch.bmm(xs, self.A.mT), self.B.mT)  # [M, L, R] -> [M, L, out]
+        if self.dora is not None:
+            base = out3 if self.rows is None else out3.index_select(0, self.rows)  # [M, L, out]
+            xw = base if base_bias is None else base - base_bias  # x Wᵀ, [M, L, out]
+            delta = (self.dora - 1) * xw + self.dora * delta
+        if self.shift is not None:
+            delta = delta + self.shift
+        if gate is not None:  # exact zeros where an aLoRA row is not active yet
+            delta = delta.masked_fill(~(gate if self.rows is None else gate.index_select(0, self.rows)), 0.0)
+        if self.rows is None:
+            out3.add_(delta)
+        else:
+            out3.index_add_(0, self.rows, delta)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    @staticmethod
+    def build(per_row: list[LoraWeights | None], gated: bool = False) -> ModuleDelta:
+        """per_row[i]: row i's weights for this module, None where it gets no delta."""
+        idx = [i for i, w in enumerate(per_row) if w is not None]
+        ws = [per_row[i] for i in idx]
+        rows = None if len(idx) == len(per_row) else torch.tensor(idx, device=ws[0].A.device)
+        if all(w is ws[0] for w in ws):  # one adapter: no per-row copies
+            return ModuleDelta(rows, ws[0].A, ws[0].B * ws[0].scale, ws[0].shift, ws[0].dora_scale, gated)
+        rank = max(w.rank for w in ws)
+        a = torch.stack([w.A if w.rank == rank else F.pad(w.A, (0, 0, 0, rank - w.rank)) for w in ws])
+        b = torch.stack([w.B if w.rank == rank else F.pad(w.B, (0, rank - w.rank)) for w in ws])
+        scales = torch.tensor([w.scale for w in ws], device=b.device)[:, None, None]  # [M, 1, 1] fp32
+        return ModuleDelta(rows, a, (b * scales).to(b.dtype),
+                           _per_row(ws, "shift", 0.0), _per_row(ws, "dora_scale", 1.0), gated)
+
+
+def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
+    """Stack one optional [out] vector per row into [M, 1, out]; `fill` where a row has none."""
+    vectors = [getattr(w, name) for w in ws]
+    if all(v is None for v in vectors):
+        return None
+    like = next(v for v in vectors if v is not None)
+    return torch.stack([like.new_full(like.shape, fill) if v is None else v for v in vectors]).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class SlotDelta:
+    """The per-row delta of one wrapped module as a slot table (see the module docstring)."""
+
+    per_row: tuple[LoraWeights | None, ...]  # row i's weights here, None where it gets no delta
+    slot_of_row: Tensor  # [N] long: row -> slot, -1 where the row gets no delta here
+    table: Tensor  # [S, 5] long per slot: addresses of A [r, in] and B [out, r], r, of shift and DoRA g (0: none)
+    scales: Tensor  # [S] float32: each slot's s
+    dtype: torch.dtype  # of every tensor the table points at
+    dora: bool  # a slot has DoRA's g: the kernel needs the base bias
+    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
+
+    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
+        each row's delta applies (None: everywhere)."""
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
+        if x3.shape[1] != 1 or x.dtype != self.dtype:
+            return self.stacked.apply(x, out, base_bias, gate)
+        slots = self.slot_of_row  # [N]
+        if self.gated and gate is not None:  # aLoRA rows before their invocation: no slot this step
+            slots = torch.where(gate.reshape(-1), slots, -1)
+        bias = base_bias if self.dora and base_bias is not None else out.new_empty(0)  # [out] or none
+        kernels.cpu().lora_delta(x3[:, 0].contiguous(), out.view(out.shape[0], -1), slots, self.table, self.scales,
+                                 bias)  # x [N, in], out [N, out]
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_of_row.device
+
+    @cached_property
+    def stacked(self) -> ModuleDelta:
+        return ModuleDelta.build(list(self.per_row), self.gated)
+
+    @staticmethod
+    def build(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta:
+        slot_of: dict[int, int] = {}  # id(weights) -> slot
+        distinct: list[LoraWeights] = []
+        for w in per_row:
+            if w is not None and id(w) not in slot_of:
+                slot_of[id(w)] = len(distinct)
+                distinct.append(w)
+        table = [[w.A.data_ptr(), w.B.data_ptr(), w.rank, _address(w.shift), _address(w.dora_scale)] for w in distinct]
+        return SlotDelta(tuple(per_row), torch.tensor([-1 if w is None else slot_of[id(w)] for w in per_row]),
+                         torch.tensor(table, dtype=torch.long), torch.tensor([w.scale for w in distinct]),
+                         distinct[0].A.dtype, any(w.dora_scale is not None for w in distinct), gated)
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def module_delta(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta | ModuleDelta:
+    """The delta of one module over a batch: by slot on the CPU when the kernels are built, else stacked."""
+    weights = [w for w in per_row if w is not None]
+    if all(w.A.is_cpu and _servable(w, weights[0].A.dtype) for w in weights) and kernels.cpu() is not None:
+        return SlotDelta.build(per_row, gated)
+    return ModuleDelta.build(per_row, gated)
+
+
+def _servable(w: LoraWeights, dtype: torch.dtype) -> bool:
+    """The kernel reads A, shift and g contiguous and B column-major (LoraWeights stores it so), in one dtype."""
+    vectors = [t for t in (w.A, w.B.T, w.shift, w.dora_scale) if t is not None]
+    return all(t.is_contiguous() and t.dtype == dtype for t in vectors)

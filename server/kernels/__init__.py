@@ -1,0 +1,36 @@
+"""The CPU kernels (this folder's C++ sources), built as one extension with the machine's compiler.
+
+- paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
+- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py).
+
+Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR; a changed source rebuilds). Where it cannot be built, `cpu()` is None, one
+warning is logged, and each caller takes its torch path (gathered blocks + SDPA; stacked `bmm`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("*.cpp"))
+
+
+@functools.cache
+def cpu():
+    """The compiled extension, or None where it cannot be built (logged once)."""
+    try:
+        from torch.utils import cpp_extension  # imported here: it pulls in setuptools
+        if shutil.which("ninja") is None:  # torch builds with ninja: the pip package's, when none is on PATH
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return cpp_extension.load("hotswap_kernels", SOURCES, extra_ldflags=["-fopenmp"],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"])
+    except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the torch paths serve
+        log.warning("CPU kernels unavailable (%s); decode attention gathers blocks, LoRA deltas stack weights", exc)
+        return None
+

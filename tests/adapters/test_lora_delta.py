@@ -1,0 +1,104 @@
+"""A module's per-row LoRA delta: the CPU slot kernel and the stacked `bmm` path both equal the
+formula of lora_layer.py per row, for plain, bias-shift, DoRA and aLoRA-gated rows of different
+ranks beside rows with no delta; a row's delta by slot does not depend on the rest of the batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server import kernels
+from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, module_delta
+
+IN, OUT = 48, 40
+
+needs_kernel = pytest.mark.skipif(kernels.cpu() is None, reason="no C++ compiler here: the stacked path serves")
+
+
+def _weights(gen: torch.Generator, rank: int, shift: bool = False, dora: bool = False) -> LoraWeights:
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+    return LoraWeights(rand(rank, IN), rand(OUT, rank) * 0.1, 2.0 / rank,
+                       dora_scale=rand(OUT).abs() + 0.5 if dora else None, shift=rand(OUT) * 0.1 if shift else None)
+
+
+def _rows(dtype: torch.dtype = torch.float32) -> list[LoraWeights | None]:
+    gen = torch.Generator().manual_seed(0)
+    plain8, plain32 = _weights(gen, 8), _weights(gen, 32)
+    shifted, dora = _weights(gen, 16, shift=True), _weights(gen, 4, shift=True, dora=True)
+    rows = [plain8, None, plain32, shifted, plain8, dora, None, plain32]
+    return [None if w is None else w.to("cpu", dtype) for w in rows]
+
+
+def _expected(x: torch.Tensor, base_out: torch.Tensor, bias: torch.Tensor, rows) -> torch.Tensor:
+    """lora_layer.py's formula per row, in float64. x: [N, L, in], base_out: [N, L, out] -> [N, L, out]."""
+    out = base_out.double().clone()
+    for i, w in enumerate(rows):
+        if w is None:
+            continue
+        delta = w.scale * (x[i].double() @ w.A.double().T @ w.B.double().T)  # [L, out]
+        if w.dora_scale is not None:
+            g = w.dora_scale.double()
+            delta = (g - 1) * (base_out[i].double() - bias.double()) + g * delta
+        if w.shift is not None:
+            delta = delta + w.shift.double()
+        out[i] += delta
+    return out
+
+
+def _inputs(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, tokens, IN, generator=gen).to(dtype)
+    bias = torch.randn(OUT, generator=gen).to(dtype)
+    return x, (torch.randn(8, tokens, OUT, generator=gen) + bias).to(dtype), bias
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_slot_kernel_equals_the_formula_per_row(dtype, tol):
+    rows = _rows(dtype)
+    x, base_out, bias = _inputs(1, dtype)
+    delta = module_delta(rows)
+    assert isinstance(delta, SlotDelta)
+    got = delta.apply(x, base_out.clone(), bias)
+    assert torch.allclose(got.double(), _expected(x, base_out, bias, rows), atol=tol, rtol=tol)
+    untouched = [i for i, w in enumerate(rows) if w is None]
+    assert torch.equal(got[untouched], base_out[untouched])  # rows with no delta are not touched
+
+
+def test_stacked_path_equals_the_formula_per_row():
+    rows = _rows()
+    for tokens in (1, 5):
+        x, base_out, bias = _inputs(tokens, torch.float32)
+        got = ModuleDelta.build(rows).apply(x, base_out.clone(), bias)
+        assert torch.allclose(got.double(), _expected(x, base_out, bias, rows), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_slot_delta_of_several_tokens_per_row_takes_the_stacked_path():
+    rows = _rows()
+    x, base_out, bias = _inputs(5, torch.float32)
+    got = module_delta(rows).apply(x, base_out.clone(), bias)
+    assert torch.equal(got, ModuleDelta.build(rows).apply(x, base_out.clone(), bias))
+
+
+@needs_kernel
+def test_gate_leaves_rows_before_their_invocation_as_the_base_computed_them():
+    rows = _rows()
+    x, base_out, bias = _inputs(1, torch.float32)
+    gate = torch.tensor([True, True, False, True, False, True, True, True])[:, None, None]  # [N, 1, 1]
+    got = module_delta(rows, gated=True).apply(x, base_out.clone(), bias, gate)
+    off = [2, 4]
+    assert torch.equal(got[off], base_out[off])
+    on = [i for i in range(8) if i not in off]
+    want = _expected(x, base_out, bias, rows)
+    assert torch.allclose(got[on].double(), want[on], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_rows_delta_by_slot_is_the_same_bits_alone_and_in_any_batch():
+    rows = _rows()
+    x, base_out, bias = _inputs(1, torch.float32)
+    batch = module_delta(rows).apply(x, base_out.clone(), bias)
+    for i in (0, 3, 5):
+        alone = module_delta([rows[i]]).apply(x[i : i + 1], base_out[i : i + 1].clone(), bias)
+        assert torch.equal(alone[0], batch[i])
