@@ -11,11 +11,18 @@
                  `torch.bmm` and one in-place add. When every such row has the same adapter its A
                  and s·B are used as they are: two matmuls folded over all tokens, no copies.
 
-Decode, 8 rows of 8 adapters r=16, q 768->768, µs per call, fp32, 2 threads (Sapphire Rapids VM,
-`python -m load_tests.lora_kernels`): stacked bmm 34 with the weights in cache, 243 from memory;
-slot kernel 21 / 123. 32 rows of 32 adapters: 75 / 331 against 76 / 273. Prefill (32 tokens of a
-row) runs GEMMs better than the kernel's dots (33 vs 69 µs), so a SlotDelta builds its stacked form,
-once, the first time more than one token per row comes.
+`python -m load_tests.lora_kernels` (bench shapes q/o 768->768, k/v 768->256, 8 rows, r=16; µs per
+layer of 4 modules, weights in cache, fp32, 2 threads of a Sapphire Rapids VM; base q/k/v/o 210):
+
+    decode (L=1)                 stacked   slot      plan build: stacked   slot
+    1 adapter on all 8 rows         46       60                      22      51
+    8 adapters                     137       60                     472      85
+    3 adapters r8/16/32 + 2 base   224       73                     781      59
+
+With the weights streamed from memory (the engine: 8 rows of 8 adapters, 32 of 32) the kernel
+takes about half the time of the stacked `bmm`s. Prefill (32 tokens a row) runs as GEMMs better than
+as the kernel's dots, so a SlotDelta builds its stacked form, once, when more than one token per
+row comes.
 
 Grouping rows by adapter (index, two matmuls, index_add per adapter) grows with the number of
 adapters; neither way here does (on an H200 in bf16, launch-bound: grouped 224-1710 µs vs stacked
