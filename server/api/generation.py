@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from server.adapters.adapter import Adapter
 from server.adapters.composition import Composite, Part
 from server.adapters.lora import check_mergeable
+from server.api.detokenizer import TextStream
 from server.api.drain import Drain
 from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
@@ -142,6 +143,7 @@ class Generation:
         """Yield (token id, new text, running outcome) per token, then (None, "", final outcome)."""
         out = Outcome()
         sent = ""
+        decoded = TextStream(self.base.tokenizer)
         async with aclosing(self.events(job)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
@@ -150,10 +152,12 @@ class Generation:
                 _collect(out, event)
                 if isinstance(event, PromptLogprobsEvent):
                     continue
-                text = streamable(self.base.tokenizer.decode(out.token_ids, skip_special_tokens=True), job.params.stop)
+                text = streamable(decoded.add(event.token_id), job.params.stop)
                 delta, sent = _delta(text, sent)
                 yield event.token_id, delta, out
         out.text = self.text(out.token_ids, job.params)
+        if not out.text.startswith(sent):
+            log.warning("streamed text %r is not a prefix of the decoded output %r", sent[-40:], out.text[-40:])
         yield None, out.text[len(sent):], out
 
     def text(self, ids: list[int], params: SamplingParams) -> str:
