@@ -142,14 +142,14 @@ def test_a_layer_raising_fails_only_its_request(srv, poisoned, stage):
 def test_sampling_raising_fails_only_its_request(srv, monkeypatch):
     sampled = [(None, _greedy(p, temperature=0.8, top_k=40, seed=s)) for s, p in enumerate(REF["prompts"])]
     solo = [_post(srv, *job).json()["token_ids"] for job in sampled]
-    real = sampling._sample_row
+    real = sampling.draw
 
-    def sample_row(logits, p, gen):
-        if p.seed == 666:
+    def draw(logits, params, gens):
+        if any(p.seed == 666 for p in params):  # the batch's draw raises, then this row's alone
             raise RuntimeError("injected sampling fault")
-        return real(logits, p, gen)
+        return real(logits, params, gens)
 
-    monkeypatch.setattr(sampling, "_sample_row", sample_row)
+    monkeypatch.setattr(sampling, "draw", draw)
     faulty = [(None, _greedy(REF["prompts"][0], temperature=0.8, seed=666))]
     answers = _run_with_victims(srv, sampled + faulty)
     assert [r.json()["token_ids"] for r in answers[:3]] == solo  # seeded victims: same draws as alone
