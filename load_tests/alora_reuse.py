@@ -30,7 +30,7 @@ from server.engine.engine import EngineSettings
 from server.engine.prefill import Prefiller
 from server.engine.request import Request
 from server.engine.sampling import SamplingParams
-from server.model import load_base_model
+from server.model import BaseModel, load_base_model
 
 INVOCATION = (11, 12, 13)  # ids the bench prompts (make_prompt) never hold
 
@@ -53,16 +53,21 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def main() -> None:
-    args = parse_args()
-    layout = BenchLayout(args.models)
+def bench_alora(models: Path) -> tuple[BaseModel, Adapter]:
+    """The bench model and its `lora-0` served as an aLoRA invoked by INVOCATION."""
+    layout = BenchLayout(models)
     layout.require_built()
     base = load_base_model(layout.model_dir)
     _, weights = load_weights(layout.adapter_dir(lora_name(0)), base)
     weights = replace(weights, spec=replace(weights.spec, alora_invocation_tokens=INVOCATION))
     ensure_wrapped(base.hf, weights.modules, base.lora_ctx)
-    adapter = Adapter("lora-0-alora", "lora", weights.to(base.device, base.dtype), "unmerged", "bench")
+    return base, Adapter("lora-0-alora", "lora", weights.to(base.device, base.dtype), "unmerged", "bench")
+
+
+@torch.inference_mode()
+def main() -> None:
+    args = parse_args()
+    base, adapter = bench_alora(args.models)
     prefix = args.prompt - args.tail
     ids = torch.randint(100, 4000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     ids[prefix : prefix + len(INVOCATION)] = INVOCATION

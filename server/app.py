@@ -111,6 +111,7 @@ def _engine_settings(s: Settings) -> EngineSettings:
         max_waiting=s.max_waiting,
         phase_quantum_s=s.phase_quantum_s,
         prefix_cache=s.prefix_cache,
+        prompt_cache=s.prompt_cache,
         prefill_chunk_tokens=s.prefill_chunk_tokens,
         kv_block_tokens=s.kv_block_tokens,
     )

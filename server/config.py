@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask")
     phase_quantum_s: float = Field(2.0, gt=0, description="longest a phase keeps admitting while others wait")
     prefix_cache: bool = Field(True, description="reuse soft-prompt KV entries across requests")
+    prompt_cache: bool = Field(True, description="reuse the KV of prompt starts another request computed "
+                               "(full blocks, same adapter; an aLoRA's before its invocation: the base's)")
     max_resident_adapters: int = Field(64, ge=1, description="adapters kept on the device at once")
     max_adapter_memory_bytes: int = Field(0, ge=0, description="device memory for adapters (0: unbounded)")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest adapter upload")

@@ -174,7 +174,8 @@ class Metrics:
             "Requests admitted but waiting for a batch slot or their merged phase.", registry=r)
         self.kv_cache = Gauge(
             "hotswap_kv_cache_bytes",
-            "KV-cache memory: `used` by the blocks rows hold now, `allocated` for the whole block pool.",
+            "KV-cache memory: `used` by the blocks rows hold now, `cached` by prompt blocks kept for later "
+            "requests (evicted when the pool needs room), `allocated` for the whole block pool.",
             ("state",), registry=r)
         self.evictions = Counter(
             "hotswap_adapter_evictions_total",
@@ -182,6 +183,10 @@ class Metrics:
         self.prompt_tokens = Counter(
             "hotswap_prompt_tokens_total",
             "Prompt tokens of finished requests, by kind.", ("kind",), registry=r)
+        self.cached_prompt_tokens = Counter(
+            "hotswap_prompt_cached_tokens_total",
+            "Prompt tokens of finished requests whose KV came from the prompt cache, not computed, by kind.",
+            ("kind",), registry=r)
         self.generated_tokens = Counter(
             "hotswap_generated_tokens_total",
             "Generated tokens of finished requests, by kind.", ("kind",), registry=r)
@@ -199,6 +204,7 @@ class Metrics:
                 h.labels(kind, mode)
         for kind in KINDS:
             self.prompt_tokens.labels(kind)
+            self.cached_prompt_tokens.labels(kind)
             self.generated_tokens.labels(kind)
         for kind in ADAPTER_KINDS:
             self.adapter_load.labels(kind)
@@ -212,7 +218,7 @@ class Metrics:
     def request_finished(self, kind: str, mode: str | None, status: str = "ok", *,
                          duration_s: float, queue_s: float | None = None,
                          ttft_s: float | None = None, tpot_s: float | None = None,
-                         prompt_tokens: int = 0, completion_tokens: int = 0,
+                         prompt_tokens: int = 0, cached_tokens: int = 0, completion_tokens: int = 0,
                          adapter: str | None = None) -> None:
         """A request ran and ended (ok, cancelled or error). Timings left None are not observed
         (e.g. `tpot_s` for a request that generated fewer than two tokens)."""
@@ -224,6 +230,8 @@ class Metrics:
                 hist.labels(kind, mode).observe(value)
         if prompt_tokens:
             self.prompt_tokens.labels(kind).inc(prompt_tokens)
+        if cached_tokens:
+            self.cached_prompt_tokens.labels(kind).inc(cached_tokens)
         if completion_tokens:
             self.generated_tokens.labels(kind).inc(completion_tokens)
         self._count_adapter(adapter)
@@ -251,9 +259,10 @@ class Metrics:
         self.requests_running.set(running)
         self.requests_waiting.set(waiting)
 
-    def set_kv_cache(self, used_bytes: int, allocated_bytes: int) -> None:
-        """Bytes of the KV blocks rows hold, and of the block pool (held whether used or not)."""
+    def set_kv_cache(self, used_bytes: int, cached_bytes: int, allocated_bytes: int) -> None:
+        """Bytes of the KV blocks rows hold, of the idle cached prompt blocks, and of the block pool."""
         self.kv_cache.labels("used").set(used_bytes)
+        self.kv_cache.labels("cached").set(cached_bytes)
         self.kv_cache.labels("allocated").set(allocated_bytes)
 
     # -- engine steps ------------------------------------------------------------------------

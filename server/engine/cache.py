@@ -11,6 +11,9 @@ block 1 takes the writes of a prefill group's padding tokens, past a row's own b
 read. Blocks are zeroed when they return, so no row ever reads another request's values, even
 masked ones (a masked NaN would still poison the attention product). On the CPU the pool starts
 small and doubles when it runs out; on CUDA `initial_blocks` is the whole budget, allocated once.
+Full blocks of prompts may be shared between rows and kept after their rows end (`prompts`,
+engine/prompt_cache.py): a row lets go of those instead of freeing them, and idle ones are evicted
+(zeroed) before the pool grows.
 
 A forward's `StepShape` (built by `step`) says where each new token is written (block and offset)
 and which blocks each row reads (`table`, padded with block 0). `store` writes a layer's new k/v;
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from server.engine.prompt_cache import PromptCache
 
 NULL_BLOCK = 0  # read past a row's blocks: zeros
 SINK_BLOCK = 1  # written past a row's blocks (padding): never read
@@ -76,6 +81,7 @@ class KVCache:
         shape = (2, n_layers, max(initial_blocks, 3), n_kv_heads, block_tokens, head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.free = list(range(self.n_blocks - 1, SINK_BLOCK, -1))  # a stack: lowest ids handed out first
+        self.prompts = PromptCache()
 
     @property
     def n_blocks(self) -> int:
@@ -83,7 +89,13 @@ class KVCache:
 
     @property
     def blocks_used(self) -> int:
-        return self.n_blocks - 2 - len(self.free)
+        """Blocks rows hold (a shared one once)."""
+        return self.n_blocks - 2 - len(self.free) - self.prompts.idle_blocks
+
+    @property
+    def blocks_cached(self) -> int:
+        """Prompt blocks no row holds, kept for later requests."""
+        return self.prompts.idle_blocks
 
     @property
     def bytes_per_block(self) -> int:
@@ -101,13 +113,21 @@ class KVCache:
         need = self.blocks_for(length) - len(table.blocks)
         if need <= 0:
             return
+        while need > len(self.free) and (idle := self.prompts.evict()) is not None:
+            self._give_back([idle])
         if need > len(self.free):
             self._grow(need - len(self.free))
         table.blocks += [self.free.pop() for _ in range(need)]
 
     def release(self, table: BlockTable) -> None:
-        """Return all of a row's blocks."""
-        self._give_back(table.blocks)
+        """Return all of a row's blocks (its cached prompt blocks stay, for later requests)."""
+        own = []
+        for block in table.blocks:
+            if self.prompts.holds(block):
+                self.prompts.release(block)
+            else:
+                own.append(block)
+        self._give_back(own)
         table.blocks = []
 
     def _give_back(self, blocks: list[int]) -> None:

@@ -94,4 +94,5 @@ class ChunkedPrefill:
         if job.inputs.shape[0]:
             return None
         self.active = None
+        self.prefiller.publish(job.req)
         return Prefilled(job.req, job.start, logits)

@@ -63,6 +63,7 @@ class EngineSettings:
     max_waiting: int = 256
     phase_quantum_s: float = 2.0
     prefix_cache: bool = True
+    prompt_cache: bool = True  # share full KV blocks of prompts between requests (engine/prompt_cache.py)
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
     kv_block_tokens: int = 16  # positions per KV-cache block
 
@@ -212,8 +213,9 @@ class Engine:
         if self.batch:
             self._decode()
         self.metrics.set_queue(len(self.batch), self._pending)
-        self.metrics.set_kv_cache(self.cache.blocks_used * self.cache.bytes_per_block,
-                                  self.cache.n_blocks * self.cache.bytes_per_block)
+        per_block = self.cache.bytes_per_block
+        self.metrics.set_kv_cache(self.cache.blocks_used * per_block, self.cache.blocks_cached * per_block,
+                                  self.cache.n_blocks * per_block)
 
     def _intake(self) -> None:
         while not self._inbox.empty():

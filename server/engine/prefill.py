@@ -13,6 +13,7 @@ from server.engine.batch import Batch, Plans
 from server.engine.cache import BlockTable, KVCache
 from server.engine.clock import AdapterClock, TimedHooks
 from server.engine.logprobs import TokenLogprob, token_logprobs
+from server.engine.prompt_cache import VIRTUAL, Link, context
 from server.engine.request import Request
 from server.model import BaseModel
 
@@ -29,6 +30,7 @@ class Prefiller:
         self.lora_ctx = base.lora_ctx
         self.max_prefill_tokens = settings.max_prefill_tokens
         self.prefix_cache = settings.prefix_cache
+        self.prompt_cache = settings.prompt_cache
 
     def warm_up(self) -> None:
         """Tiny forwards (a prefill, a decode step) so the first request does not pay for lazy initialisation."""
@@ -79,6 +81,8 @@ class Prefiller:
         logits = self.decoder.logits(hidden[torch.arange(len(group), device=x.device), last])  # [N, V]
         scores = [self._score_prompt(req, hidden[i, : t.shape[0]]) if req.params.prompt_logprobs is not None else None
                   for i, (req, t) in enumerate(zip(group, inputs))]
+        for req in group:
+            self.publish(req)
         return ends, logits, scores
 
     def _forward(self, x: Tensor, shape: StepShape, plans: Plans) -> Tensor:
@@ -108,8 +112,9 @@ class Prefiller:
         return start, x
 
     def _load_prefix(self, req: Request, start: int) -> None:
-        """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first."""
-        if start:
+        """With the prefix cache a soft prompt's row starts at its virtual tokens: their KV go in first
+        (unless cached prompt blocks already hold them)."""
+        if start and not req.kv.blocks:
             prefix = self.prefix_of(req)
             self.cache.load_prefix(req.kv, prefix.keys, prefix.values)
 
@@ -121,7 +126,13 @@ class Prefiller:
         return self.decoder.logits(hidden[:, -1])
 
     def _row_input(self, req: Request) -> tuple[int, Tensor]:
-        """(cached positions before the new tokens, new input embeddings [L, H]) for one row."""
+        """(cached positions before the new tokens, new input embeddings [L, H]) for one row; cached
+        prompt blocks that hold its first positions are put in its block table."""
+        start, x = self._fresh_input(req)
+        reused = self._reuse(req, start)
+        return reused, x[reused - start :]
+
+    def _fresh_input(self, req: Request) -> tuple[int, Tensor]:
         ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.base.device)
         x = self.decoder.embed(ids)  # [L, H]
         prompt = _prompt_adapter(req)
@@ -130,6 +141,32 @@ class Prefiller:
         if not self.prefix_cache:
             return 0, torch.cat([prompt.embeddings.to(x.dtype), x])  # [n_virtual + L, H]
         return prompt.n_virtual, x
+
+    def _reuse(self, req: Request, start: int) -> int:
+        """Take the cached blocks of the row's longest cached prompt start, leaving at least its last
+        token to compute; -> the positions they hold (`start` when none, or fewer than a soft prompt's
+        virtual tokens, which would be written into shared blocks). A row that wants its prompt scored
+        computes all of it."""
+        req.cached_tokens = 0
+        if not self.prompt_cache or req.params.prompt_logprobs is not None or req.kv.blocks:
+            return start
+        chain = prompt_chain(req, self.cache.block_tokens)
+        total = req.n_virtual + len(req.prompt_ids)
+        blocks = self.cache.prompts.take(chain[: (total - 1) // self.cache.block_tokens])
+        held = len(blocks) * self.cache.block_tokens
+        if held <= start:
+            for block in blocks:
+                self.cache.prompts.release(block)
+            return start
+        req.kv.blocks = blocks
+        req.cached_tokens = held - req.n_virtual
+        return held
+
+    def publish(self, req: Request) -> None:
+        """A row's prompt is in its blocks: cache its full blocks for later requests."""
+        if self.prompt_cache:
+            chain = prompt_chain(req, self.cache.block_tokens)
+            self.cache.prompts.publish(req.kv.blocks[: len(chain)], chain)
 
     def prefix_of(self, req: Request) -> PrefixKV:
         """The virtual tokens' KV through the row's adapted model (with the LoRA and bottleneck it
@@ -166,6 +203,18 @@ class Prefiller:
         shape = self.cache.step([batch.rows[i].kv], [batch.lengths[i]], 1)
         hidden = self._forward(self.decoder.embed(ids), shape, Plans.build([batch.rows[i]]))  # [1, 1, H]
         return self.decoder.logits(hidden[:, 0])
+
+
+def prompt_chain(req: Request, block_tokens: int) -> list[Link]:
+    """The row's full blocks of prompt positions (a soft prompt's virtual ones first) as the prompt
+    cache keys them: each with its context and tokens; an activated LoRA's blocks before its
+    invocation under the base model's context."""
+    tokens = [VIRTUAL] * req.n_virtual + req.prompt_ids
+    own = context(req.adapter, req.mode)
+    parts = req.parts
+    base_until = req.lora_start if parts.prompt is None and parts.bottleneck is None else 0  # aLoRA: base before
+    return [(None if end <= base_until else own, tuple(tokens[end - block_tokens : end]))
+            for end in range(block_tokens, len(tokens) + 1, block_tokens)]
 
 
 def _prompt_adapter(req: Request) -> PromptAdapter | None:

@@ -64,6 +64,7 @@ class Request:
     failure: Exception | None = None  # set by the engine when this row must end with an error
     finished: bool = False  # its DoneEvent was sent and its adapter released (exactly once)
     kv: BlockTable = field(default_factory=BlockTable)  # its KV-cache blocks; returned when it finishes
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache (engine/prompt_cache.py)
 
     @property
     def kind(self) -> str:
@@ -73,12 +74,17 @@ class Request:
     def parts(self) -> Parts:
         return self.adapter.parts if self.adapter else NO_PARTS
 
+    @property
+    def n_virtual(self) -> int:
+        """A soft prompt's virtual positions before the prompt's (0 without one)."""
+        return self.adapter.n_virtual if self.adapter else 0
+
     @cached_property
     def lora_start(self) -> int:
         """The first row position where this row's LoRA applies: 0, or an aLoRA's invocation (alora.py)."""
         lora = self.parts.lora
         invocation = lora.spec.alora_invocation_tokens if lora else ()
-        return row_start(self.prompt_ids, invocation, self.adapter.n_virtual if self.adapter else 0)
+        return row_start(self.prompt_ids, invocation, self.n_virtual)
 
     @property
     def phase(self) -> str:

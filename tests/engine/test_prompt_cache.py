@@ -1,0 +1,156 @@
+"""The prompt cache: a prompt start another request computed is reused, block by block, under the
+same context only (the base, one adapter in one mode; an aLoRA's blocks before its invocation are
+the base's), with the same tokens as computing it; idle blocks are evicted, zeroed, before the pool
+grows, and an evicted block's chain is never found again."""
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+import torch
+
+from server.engine.cache import BlockTable, KVCache
+from tests.adapters.conftest import make_adapter
+from tests.conftest import FIXTURES, LLAMA, live_server
+
+PEFT = FIXTURES / "peft" / "tiny-llama"
+HUB = FIXTURES / "adapterhub" / "tiny-llama"
+ADAPTERS = [f"{n}={PEFT / n}" for n in ("lora-qv-r8", "prompt-16")] + [f"seq_bn-rf16={HUB / 'seq_bn-rf16'}"]
+INVOCATION = [1000, 2000, 3000]
+B = 16  # --kv-block-tokens (the default)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(4, 900, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def alora(tmp_path_factory):
+    return make_adapter(tmp_path_factory.mktemp("alora") / "alora", "llama", 7, r=4, lora_alpha=16,
+                        target_modules=["q_proj", "v_proj"], alora_invocation_tokens=INVOCATION)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, alora):
+    with live_server(tmp_path_factory.mktemp("cached"), model=LLAMA, adapter=[*ADAPTERS, f"alora={alora}"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, alora):
+    with live_server(tmp_path_factory.mktemp("plain"), model=LLAMA, adapter=[*ADAPTERS, f"alora={alora}"],
+                     prompt_cache=False) as srv:
+        yield srv
+
+
+def _generate(srv, adapter: str | None, prompt: list[int], **extra) -> dict:
+    body = {"prompt_token_ids": prompt, "max_new_tokens": 6, "ignore_eos": True, **extra}
+    r = httpx.post(f"{srv.url}/generate", params={"adapter": adapter} if adapter else {}, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _metric(srv, name: str, labels: str) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    found = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _cached_tokens(srv, kind: str) -> float:
+    return _metric(srv, "hotswap_prompt_cached_tokens_total", f'kind="{kind}"')
+
+
+@pytest.mark.parametrize(("adapter", "kind", "virtual", "extra"), [
+    (None, "base", 0, {}), ("lora-qv-r8", "lora", 0, {}), ("lora-qv-r8", "lora", 0, {"mode": "merged"}),
+    ("prompt-16", "prompt", 16, {}), ("seq_bn-rf16", "bottleneck", 0, {})])
+def test_a_prompt_start_is_reused_with_the_same_tokens(cached, plain, adapter, kind, virtual, extra):
+    first = _prompt(hash((adapter, str(extra))) % 1000, 50)
+    longer = first + _prompt(1, 20)
+    before = _cached_tokens(cached, kind)
+    for prompt in (first, first, longer):
+        assert _generate(cached, adapter, prompt, **extra)["token_ids"] == \
+            _generate(plain, adapter, prompt, **extra)["token_ids"]
+    published = (virtual + 50) // B  # full blocks of the first prompt
+    again = min(published, (virtual + 50 - 1) // B) * B - virtual  # its last token is always computed
+    extended = min(published, (virtual + 70 - 1) // B) * B - virtual
+    assert _cached_tokens(cached, kind) - before == again + extended
+    assert _cached_tokens(plain, kind) == 0
+
+
+def test_an_adapters_blocks_are_not_the_bases(cached, plain):
+    prompt = _prompt(77, 40)
+    _generate(cached, None, prompt)
+    before = _cached_tokens(cached, "lora")
+    assert _generate(cached, "lora-qv-r8", prompt)["token_ids"] == _generate(plain, "lora-qv-r8", prompt)["token_ids"]
+    assert _cached_tokens(cached, "lora") == before
+
+
+def test_an_alora_reuses_the_base_blocks_before_its_invocation(cached, plain):
+    context = _prompt(5, 40)
+    _generate(cached, None, context)  # the base computed the conversation so far
+    asked = context + INVOCATION + _prompt(6, 5)  # lora_start = 40: blocks 0-1 (positions 0-31) are the base's
+    before = _cached_tokens(cached, "lora")
+    assert _generate(cached, "alora", asked)["token_ids"] == _generate(plain, "alora", asked)["token_ids"]
+    assert _cached_tokens(cached, "lora") - before == 2 * B
+
+
+def _score(srv, prompt: list[int]) -> dict:
+    body = {"model": "tiny-llama", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["logprobs"]
+
+
+def test_a_request_scoring_its_prompt_computes_all_of_it(cached, plain):
+    prompt = _prompt(9, 40)
+    _generate(cached, None, prompt)
+    before = _cached_tokens(cached, "base")
+    scored = _score(cached, prompt)
+    assert _cached_tokens(cached, "base") == before
+    assert scored["token_logprobs"] == _score(plain, prompt)["token_logprobs"]
+
+
+def test_cached_blocks_are_kept_apart_from_the_blocks_rows_hold(cached):
+    _generate(cached, None, _prompt(11, 64))
+    assert _metric(cached, "hotswap_kv_cache_bytes", 'state="used"') == 0
+    assert _metric(cached, "hotswap_kv_cache_bytes", 'state="cached"') > 0
+
+
+def _published_row(cache: KVCache, tokens: int, ctx=None) -> tuple[BlockTable, list]:
+    table = BlockTable()
+    cache.fit(table, tokens)
+    chain = [(ctx, tuple(range(i, i + B))) for i in range(0, tokens - tokens % B, B)]
+    cache.pool[:, :, table.blocks] = 1.0  # the row's KV
+    cache.prompts.publish(table.blocks[: len(chain)], chain)
+    return table, chain
+
+
+def test_idle_blocks_are_evicted_zeroed_before_the_pool_grows_and_their_chains_are_gone():
+    cache = KVCache(1, 1, 4, 4096, torch.float32, "cpu", block_tokens=B, initial_blocks=8)  # 6 usable blocks
+    first, chain = _published_row(cache, 3 * B)
+    blocks = list(first.blocks)
+    cache.release(first)
+    assert cache.blocks_used == 0 and cache.blocks_cached == 3
+    assert cache.prompts.take(chain[:2]) == blocks[:2]  # a later row takes two of them
+    assert cache.blocks_cached == 1
+    other = BlockTable()
+    cache.fit(other, 4 * B)  # 3 free + the idle one evicted: no growth
+    assert cache.n_blocks == 8 and blocks[2] in other.blocks
+    assert torch.all(cache.pool[:, :, blocks[2]] == 0)  # zeroed when evicted
+    assert cache.prompts.take(chain) == blocks[:2]  # the chain now ends where the eviction cut it
+    for block in blocks[:2] * 2:  # both takes let go
+        cache.prompts.release(block)
+    assert cache.blocks_cached == 2
+
+
+def test_a_shared_block_is_held_until_its_last_row_lets_go():
+    cache = KVCache(1, 1, 4, 4096, torch.float32, "cpu", block_tokens=B, initial_blocks=8)
+    first, chain = _published_row(cache, 2 * B + 3)
+    second = BlockTable(cache.prompts.take(chain))
+    cache.fit(second, 2 * B + 9)  # its own third block after the shared two
+    cache.release(first)
+    assert cache.blocks_cached == 0  # still held by the second row
+    assert torch.all(cache.pool[:, :, second.blocks[:2]] == 1.0)
+    cache.release(second)
+    assert cache.blocks_cached == 2 and cache.blocks_used == 0
