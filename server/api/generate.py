@@ -36,7 +36,8 @@ def _response(job: Job, out: Outcome) -> dict:
         "kind": job.kind,
         "mode": job.mode,
         "finish_reason": out.finish_reason,
-        "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(out.token_ids)},
+        "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(out.token_ids),
+                  "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
     }
 
 

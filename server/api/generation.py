@@ -44,6 +44,7 @@ class Outcome:
     finish_reason: str = "length"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., when asked
+    cached_tokens: int = 0  # prompt tokens whose KV the prompt cache held (engine/prompt_cache.py)
 
 
 class Generation:
@@ -126,7 +127,7 @@ class Generation:
         async with aclosing(self.events(job)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
-                    out.finish_reason = self._reason(event)
+                    out.finish_reason, out.cached_tokens = self._reason(event), event.cached_tokens
                 else:
                     _collect(out, event)
         out.text = await asyncio.to_thread(self.text, out.token_ids, job.params)
@@ -147,7 +148,7 @@ class Generation:
         async with aclosing(self.events(job)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
-                    out.finish_reason = self._reason(event)
+                    out.finish_reason, out.cached_tokens = self._reason(event), event.cached_tokens
                     break
                 _collect(out, event)
                 if isinstance(event, PromptLogprobsEvent):

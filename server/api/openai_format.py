@@ -14,14 +14,17 @@ from server.api.generation import Outcome
 
 
 def usage(choices: list[Choice], outs: list[Outcome]) -> dict:
+    """Each prompt counted once (with the cached tokens of its first choice), every choice's output."""
     seen: set[int] = set()
-    n_in = 0
-    for c in choices:
+    n_in = n_cached = 0
+    for c, out in zip(choices, outs):
         if c.prompt not in seen:
             seen.add(c.prompt)
             n_in += prompt_tokens(c)
+            n_cached += out.cached_tokens
     n_out = sum(len(o.token_ids) for o in outs)
-    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+            "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
 def prompt_tokens(c: Choice) -> int:

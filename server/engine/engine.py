@@ -380,7 +380,7 @@ class Engine:
             return
         req.finished = True
         self.cache.release(req.kv)
-        req.emit(DoneEvent(reason, error))
+        req.emit(DoneEvent(reason, error, req.cached_tokens))
         self._release(req)
         record_finished(self.metrics, req, status)
 

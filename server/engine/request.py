@@ -41,6 +41,7 @@ class PromptLogprobsEvent:
 class DoneEvent:
     finish_reason: FinishReason
     error: Exception | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
 
 
 Event = TokenEvent | PromptLogprobsEvent | DoneEvent

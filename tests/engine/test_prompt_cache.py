@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 import torch
+from openai import OpenAI
 
 from server.engine.cache import BlockTable, KVCache
 from tests.adapters.conftest import make_adapter
@@ -154,3 +155,13 @@ def test_a_shared_block_is_held_until_its_last_row_lets_go():
     assert torch.all(cache.pool[:, :, second.blocks[:2]] == 1.0)
     cache.release(second)
     assert cache.blocks_cached == 2 and cache.blocks_used == 0
+
+
+def test_usage_reports_the_cached_prompt_tokens_to_the_openai_client(cached):
+    client = OpenAI(base_url=f"{cached.url}/v1", api_key="unused")
+    prompt = _prompt(21, 40)
+    first, again = (client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=2, temperature=0)
+                    for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 2 * B  # (40 - 1) // 16 blocks
+    assert again.choices[0].text == first.choices[0].text
