@@ -150,7 +150,10 @@ class KVCache:
              ends: list[int] | None = None) -> StepShape:
         """The shape of a forward feeding `length` tokens to each row after its `starts[i]` cached
         positions. Row i's blocks are fitted to `ends[i]` first (default starts[i] + length); its
-        tokens at positions past that are padding, written to the sink block."""
+        tokens at positions past that are padding, written to the sink block, and shown to the model
+        at the row's last position (a row resuming late in its context, next to a long one, would
+        otherwise pass the model position ids past its context)."""
+        padded = ends is not None
         ends = ends or [start + length for start in starts]
         for table, end in zip(tables, ends):
             self.fit(table, end)
@@ -165,8 +168,10 @@ class KVCache:
         b = self.block_tokens
         blocks = rows.gather(1, positions // b).reshape(-1)  # [N * L]
         read = None if max(starts) == 0 else rows.masked_fill(rows == SINK_BLOCK, NULL_BLOCK)
-        return StepShape(start_t, positions, span, aligned, start_t + length, blocks,
-                         (positions % b).reshape(-1), read)
+        offsets = (positions % b).reshape(-1)  # [N * L]
+        if padded:
+            positions = positions.minimum(torch.tensor(ends, device=device)[:, None] - 1)  # [N, L]
+        return StepShape(start_t, positions, span, aligned, start_t + length, blocks, offsets, read)
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """One layer's key and value pools, [blocks, Hkv, B, D] each."""

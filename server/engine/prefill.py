@@ -128,6 +128,7 @@ class Prefiller:
     def _row_input(self, req: Request) -> tuple[int, Tensor]:
         """(cached positions before the new tokens, new input embeddings [L, H]) for one row; cached
         prompt blocks that hold its first positions are put in its block table."""
+        req.cached_tokens = 0
         start, x = self._fresh_input(req)
         reused = self._reuse(req, start)
         return reused, x[reused - start :]
@@ -147,7 +148,6 @@ class Prefiller:
         token to compute; -> the positions they hold (`start` when none, or fewer than a soft prompt's
         virtual tokens, which would be written into shared blocks). A row that wants its prompt scored
         computes all of it."""
-        req.cached_tokens = 0
         if not self.prompt_cache or req.params.prompt_logprobs is not None or req.kv.blocks:
             return start
         chain = prompt_chain(req, self.cache.block_tokens)
@@ -207,12 +207,15 @@ class Prefiller:
 
 def prompt_chain(req: Request, block_tokens: int) -> list[Link]:
     """The row's full blocks of prompt positions (a soft prompt's virtual ones first) as the prompt
-    cache keys them: each with its context and tokens; an activated LoRA's blocks before its
-    invocation under the base model's context."""
+    cache keys them: each with its context and tokens. An activated LoRA's blocks before its
+    invocation are under the base model's context; those from it on under the adapter's and the
+    invocation's position (which the tokens after a block decide: the last full occurrence)."""
     tokens = [VIRTUAL] * req.n_virtual + req.prompt_ids
-    own = context(req.adapter, req.mode)
-    parts = req.parts
-    base_until = req.lora_start if parts.prompt is None and parts.bottleneck is None else 0  # aLoRA: base before
+    own, parts, base_until = context(req.adapter, req.mode), req.parts, 0
+    if parts.lora is not None and parts.lora.spec.alora_invocation_tokens:
+        own = (own, req.lora_start)
+        if parts.prompt is None and parts.bottleneck is None:  # an aLoRA alone: the base's before it
+            base_until = req.lora_start
     return [(None if end <= base_until else own, tuple(tokens[end - block_tokens : end]))
             for end in range(block_tokens, len(tokens) + 1, block_tokens)]
 

@@ -5,7 +5,8 @@ computed it and its B tokens. The context is what the KV depends on besides the 
 model (None), or one adapter or combination with its mode, by identity (an adapter reloaded is a
 new context). An activated LoRA's blocks before its invocation are the base model's (alora.py), so
 they are cached and found under the base context: a base request's prompt serves the aLoRA
-request that extends it, and the other way round. A soft prompt's virtual positions count as
+request that extends it, and the other way round; its blocks from the invocation on are keyed by
+the invocation's position too (the last full occurrence, which later tokens decide). A soft prompt's virtual positions count as
 tokens VIRTUAL, under the soft prompt's context.
 
 A block is shared by reference: rows hold it in their block tables and never write to it (it is

@@ -7,6 +7,9 @@ import torch
 from torch import Tensor
 
 
+TINY = torch.finfo(torch.float32).smallest_normal * 2**-23  # the smallest positive float32 (1.4e-45)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 16
@@ -96,10 +99,11 @@ def draw(logits: Tensor, params: list[SamplingParams], gens: list[torch.Generato
     """logits: [S, V] finite -> [S] tokens, row j drawn after temperature, top-k and top-p filtering
     with one uniform number from gens[j] (inverse CDF over the kept tokens, best first).
 
-    The max is subtracted before dividing by the temperature, so a tiny temperature (1e-40)
-    tends to greedy instead of overflowing to inf/inf = NaN."""
+    The max is subtracted before dividing by the temperature, and the temperature is at least the
+    smallest float32, so a tiny one (1e-40, 1e-46) tends to greedy instead of giving inf/inf or
+    0/0 = NaN."""
     dev, vocab = logits.device, logits.shape[-1]
-    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]  # [S, 1]
+    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None].clamp(min=TINY)  # [S, 1]
     scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps  # [S, V], <= 0, the best at 0
     ranked, order = scaled.sort(dim=-1, descending=True, stable=True)  # [S, V]
     ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)[:, None]
@@ -107,6 +111,7 @@ def draw(logits: Tensor, params: list[SamplingParams], gens: list[torch.Generato
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]  # [S, 1]
     probs = torch.softmax(ranked, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)  # keep the smallest set reaching top_p
+    drop[:, 0] = False  # and the best token whatever top_p (a top_p of 1e-46 is 0 in float32)
     cdf = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1).cumsum(dim=-1)  # [S, V]
     u = 1.0 - torch.stack([torch.rand((), generator=g, device=dev) for g in gens])  # [S] in (0, 1]
     pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=vocab - 1)  # [S, 1]: first cdf >= u

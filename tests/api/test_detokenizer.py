@@ -22,15 +22,19 @@ TEXTS = [
 
 
 def _sentencepiece_style() -> PreTrainedTokenizerFast:
-    """A Llama-2-like tokenizer built here: BPE over Metaspace pieces with byte fallback."""
+    """A Llama-2-like tokenizer built here: BPE over Metaspace pieces with byte fallback, whose decode
+    removes the spaces before punctuation and contractions (clean-up)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
     tok.train_from_iterator(TEXTS * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    clean_up_tokenization_spaces=True)
+    # transformers 5 skips the clean-up for BPE unless told: "It 's fine ." -> "It's fine."
+    fast.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    return fast
 
 
 TOKENIZERS = {
@@ -66,3 +70,10 @@ def test_streamed_text_of_random_ids_is_a_prefix_at_every_token(name):
     rng = random.Random(0)
     for _ in range(5):
         _check_stream(tokenizer, [rng.randrange(len(tokenizer)) for _ in range(60)])
+
+
+def test_the_sentencepiece_style_tokenizer_does_clean_up():
+    """What makes it a clean-up case: its decode is not the pieces joined."""
+    tokenizer = _sentencepiece_style()
+    ids = tokenizer("It 's fine , he said .", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "It's fine, he said."

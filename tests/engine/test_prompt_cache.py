@@ -165,3 +165,23 @@ def test_usage_reports_the_cached_prompt_tokens_to_the_openai_client(cached):
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 2 * B  # (40 - 1) // 16 blocks
     assert again.choices[0].text == first.choices[0].text
+
+
+def test_an_alora_block_is_found_only_for_the_same_invocation_position(cached, plain):
+    """The KV of a block past the invocation depend on where the last full invocation starts, which
+    the tokens after the block decide: two prompts sharing a first block but not that position."""
+    head = [5, 6, *INVOCATION, *_prompt(30, 9), *INVOCATION[:2]]  # 16 tokens: an invocation at 2, a partial one at 14
+    late = head + [INVOCATION[2], *_prompt(31, 20)]  # the last full invocation starts at 14
+    early = head + _prompt(32, 20)  # ... at 2
+    before = _cached_tokens(cached, "lora")
+    _generate(cached, "alora", late)
+    assert _generate(cached, "alora", early)["token_ids"] == _generate(plain, "alora", early)["token_ids"]
+    assert _cached_tokens(cached, "lora") == before
+
+
+def test_padding_past_a_rows_end_is_shown_to_the_model_at_that_rows_last_position():
+    """A row resuming at position 100 with one token, beside a fresh row of 20: its 19 padding tokens
+    must not pass position ids past its context (an embedding index error on learned positions)."""
+    cache = KVCache(1, 1, 4, 4096, torch.float32, "cpu", block_tokens=B, initial_blocks=16)
+    shape = cache.step([BlockTable(), BlockTable()], [100, 0], 20, ends=[101, 20])
+    assert shape.positions.tolist() == [[100] * 20, list(range(20))]

@@ -79,3 +79,10 @@ def test_non_finite_rows_are_reported_not_drawn_from():
     logits[1, 7] = float("nan")
     picks = next_tokens(logits, [_sampler(i) for i in range(3)])
     assert picks.non_finite == [1] and not picks.errors
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-46), dict(temperature=0.7, top_p=1e-46)])
+def test_a_temperature_or_top_p_that_is_zero_in_float32_is_greedy(params):
+    logits = _logits(2)
+    picks = next_tokens(logits, [_sampler(0, **params), _sampler(1, **params)])
+    assert picks.tokens == logits.argmax(dim=-1).tolist() and not picks.errors
