@@ -113,8 +113,10 @@ class KVCache:
         need = self.blocks_for(length) - len(table.blocks)
         if need <= 0:
             return
-        while need > len(self.free) and (idle := self.prompts.evict()) is not None:
-            self._give_back([idle])
+        evicted: list[int] = []
+        while need > len(self.free) + len(evicted) and (idle := self.prompts.evict()) is not None:
+            evicted.append(idle)
+        self._give_back(evicted)  # zeroed in one write
         if need > len(self.free):
             self._grow(need - len(self.free))
         table.blocks += [self.free.pop() for _ in range(need)]

@@ -152,12 +152,11 @@ class Prefiller:
             return start
         chain = prompt_chain(req, self.cache.block_tokens)
         total = req.n_virtual + len(req.prompt_ids)
-        blocks = self.cache.prompts.take(chain[: (total - 1) // self.cache.block_tokens])
-        held = len(blocks) * self.cache.block_tokens
-        if held <= start:
-            for block in blocks:
-                self.cache.prompts.release(block)
+        b = self.cache.block_tokens
+        blocks = self.cache.prompts.take(chain[: (total - 1) // b], at_least=start // b + 1)  # more than `start`
+        if not blocks:
             return start
+        held = len(blocks) * b
         req.kv.blocks = blocks
         req.cached_tokens = held - req.n_virtual
         return held

@@ -60,17 +60,22 @@ class PromptCache:
     def holds(self, block: int) -> bool:
         return block in self._of
 
-    def take(self, chain: list[Link]) -> list[int]:
-        """The blocks of the longest cached start of `chain`, each now held once more by the caller."""
-        blocks, parent = [], ROOT
+    def take(self, chain: list[Link], at_least: int = 1) -> list[int]:
+        """The blocks of the longest cached start of `chain`, each now held once more by the caller;
+        none when fewer than `at_least` are cached."""
+        entries: list[_Entry] = []
+        parent = ROOT
         for ctx, tokens in chain:
             entry = self._index.get((parent, ctx, tokens))
             if entry is None:
                 break
-            self._hold(entry)
-            blocks.append(entry.block)
+            entries.append(entry)
             parent = entry.serial
-        return blocks
+        if len(entries) < at_least:
+            return []
+        for entry in entries:
+            self._hold(entry)
+        return [entry.block for entry in entries]
 
     def publish(self, blocks: list[int], chain: list[Link]) -> None:
         """A row's first blocks, computed for `chain`: cache those not cached yet (the row holds them)."""
