@@ -1,6 +1,13 @@
 """Shared test fixtures: paths to the tiny models and adapters, and a live server in a thread."""
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before any kernel is decorated: Triton's kernels run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 import socket
 import threading

@@ -1,4 +1,5 @@
-"""The CPU kernels (this folder's C++ sources), built as one extension with the machine's compiler.
+"""The kernels: on the CPU this folder's C++ sources, built as one extension with the machine's
+compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `triton()` imports).
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
 - lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py).
@@ -14,6 +15,8 @@ import logging
 import os
 import shutil
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +37,19 @@ def cpu():
         log.warning("CPU kernels unavailable (%s); decode attention gathers blocks, LoRA deltas stack weights", exc)
         return None
 
+
+
+@functools.cache
+def triton():
+    """The triton package, or None where it is not installed (a CPU-only torch needs none)."""
+    try:
+        import triton as package
+    except ImportError:
+        return None
+    return package
+
+
+def on_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve tensors like `t`: CUDA ones, with triton installed. (Tests run
+    the kernels on CPU tensors under TRITON_INTERPRET=1, calling them directly.)"""
+    return t.is_cuda and triton() is not None
