@@ -4,7 +4,8 @@
 
 Writes `<out>/bench-llama/` (a ~75M-parameter random Llama, fp32 safetensors, with the tiny-llama
 tokenizer) and, next to it, `<out>/<adapter name>/`: PEFT LoRAs `lora-0..7` (`lora-8..63` with --churn), PEFT
-prompt tuning `prompt-20`, AdapterHub `seq_bn-rf16` and `double_seq_bn-rf16`. Anything already on
+prompt tuning `prompt-20`, AdapterHub `seq_bn-rf16` and `double_seq_bn-rf16`, and `bn-0..7` (seq_bn and
+double_seq_bn in turn, for batches of many bottleneck adapters). Anything already on
 disk is kept; each folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -24,11 +25,13 @@ from load_tests.layout import (
     CHURN_LORAS,
     DEFAULT_MODELS_DIR,
     DOUBLE_SEQ_BN_ADAPTER,
+    MIXED_BOTTLENECKS,
     MODEL_NAME,
     PROMPT_ADAPTER,
     RESIDENT_LORAS,
     SEQ_BN_ADAPTER,
     BenchLayout,
+    bottleneck_name,
     lora_name,
 )
 
@@ -43,6 +46,8 @@ BOTTLENECK_SEED = 3000
 BOTTLENECKS = (
     BottleneckSpec(SEQ_BN_ADAPTER, "seq_bn", reduction_factor=16, non_linearity="relu"),
     BottleneckSpec(DOUBLE_SEQ_BN_ADAPTER, "double_seq_bn", reduction_factor=16, non_linearity="swish"),
+    *(BottleneckSpec(bottleneck_name(i), "double_seq_bn" if i % 2 else "seq_bn", reduction_factor=16,
+                     non_linearity="swish" if i % 2 else "relu") for i in range(MIXED_BOTTLENECKS)),
 )
 
 

@@ -11,6 +11,11 @@ CHURN_LORAS = 64
 PROMPT_ADAPTER = "prompt-20"
 SEQ_BN_ADAPTER = "seq_bn-rf16"
 DOUBLE_SEQ_BN_ADAPTER = "double_seq_bn-rf16"
+MIXED_BOTTLENECKS = 8  # bn-0..7: seq_bn (even) and double_seq_bn (odd), rf 16, for rows of many adapters
+
+
+def bottleneck_name(index: int) -> str:
+    return f"bn-{index}"
 
 
 def lora_name(index: int) -> str:
@@ -43,4 +48,5 @@ class BenchLayout:
 
     def served_adapters(self) -> list[str]:
         """Adapters registered at server start (the churn ones are uploaded on demand)."""
-        return [*lora_names(RESIDENT_LORAS), PROMPT_ADAPTER, SEQ_BN_ADAPTER, DOUBLE_SEQ_BN_ADAPTER]
+        return [*lora_names(RESIDENT_LORAS), PROMPT_ADAPTER, SEQ_BN_ADAPTER, DOUBLE_SEQ_BN_ADAPTER,
+                *map(bottleneck_name, range(MIXED_BOTTLENECKS))]

@@ -7,9 +7,11 @@ from load_tests.client import GenerateRequest, Mode
 from load_tests.layout import (
     CHURN_LORAS,
     DOUBLE_SEQ_BN_ADAPTER,
+    MIXED_BOTTLENECKS,
     PROMPT_ADAPTER,
     RESIDENT_LORAS,
     SEQ_BN_ADAPTER,
+    bottleneck_name,
     lora_name,
     lora_names,
 )
@@ -27,7 +29,7 @@ DEFAULT_SCENARIOS = (
     "base", "lora-mixed", "lora-pairs", "lora-merged", "lora-unmerged", "prompt",
     "bottleneck", "all-kinds", "lora-32x8", "ramp",
 )
-ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-32", "lora-32x32")
+ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-32", "lora-32x32", "bottleneck-mixed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def _plans() -> dict[str, Plan]:
         "lora-unmerged": [_lora(0, UNMERGED)] * 8,
         "prompt": [(PROMPT_ADAPTER, None)] * 8,
         "bottleneck": [(SEQ_BN_ADAPTER, None)] * 8,
+        "bottleneck-mixed": [(bottleneck_name(i), None) for i in range(MIXED_BOTTLENECKS)],  # 8 distinct
         "all-kinds": [
             (None, None), _lora(1, UNMERGED), _lora(2, UNMERGED), _lora(3, MERGED),
             (PROMPT_ADAPTER, None), (SEQ_BN_ADAPTER, None), (DOUBLE_SEQ_BN_ADAPTER, None), (None, None),

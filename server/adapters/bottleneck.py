@@ -3,7 +3,8 @@
 The three parts every adapter kind has:
 - config: `parse_bottleneck_config` (bottleneck_format.py) -> `BottleneckSpec`;
 - weights: `load_bottleneck(folder, base)` -> `BottleneckAdapter`, validated against the base;
-- layer: `BottleneckHooks.build(rows)` -> the decoder's `ResidualHooks` for one batch composition.
+- layer: `BottleneckHooks.build(rows)` (bottleneck_layer.py) -> the decoder's `ResidualHooks` for one
+  batch composition.
 
 What one adapter computes where the decoder would add `x + h` (h: sub-block output, x: its
 residual input), as AdapterHub 1.3.0 does for pre-LN decoders (Llama, Mistral, GPT-2), which hand the
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,12 +42,11 @@ from server.adapters.bottleneck_format import (
     parse_bottleneck_config,
     read_adapter_folder,
 )
-from server.decoder import PLAIN, ResidualHooks
 from server.errors import AdapterFormatError
 from server.model import Geometry
 from server.residual import RESIDUAL_POINTS
 
-__all__ = ["BottleneckAdapter", "BottleneckHooks", "BottleneckSpec", "load_bottleneck", "parse_bottleneck_config"]
+__all__ = ["BottleneckAdapter", "BottleneckSpec", "combine", "load_bottleneck", "parse_bottleneck_config"]
 
 Site = tuple[str, int]  # (position: "attention" | "output", layer index)
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which AdapterHub's adapter norms use
@@ -66,7 +65,7 @@ class BottleneckAdapter:
     def __init__(self, spec: BottleneckSpec, hidden: int, sites: dict[Site, dict[str, Tensor]]) -> None:
         self.spec = spec
         self.hidden = hidden
-        self.sites = sites
+        self.sites = {site: _served_layout(params) for site, params in sites.items()}
         self._act = activation(spec.non_linearity)
         self._scale = None if isinstance(spec.scaling, str) or spec.scaling == 1.0 else spec.scaling
 
@@ -86,32 +85,10 @@ class BottleneckAdapter:
     def residual(self, site: Site, h: Tensor, x: Tensor) -> Tensor:
         """h, x: [n, L, H] -> [n, L, H]: what replaces `x + h` at this site, for this adapter's rows."""
         p = self.sites[site]
-        if self.spec.is_parallel:
-            return self._parallel(p, h, x)
-        return self._serial(p, h, x)
-
-    def _serial(self, p: dict[str, Tensor], h: Tensor, x: Tensor) -> Tensor:
-        spec = self.spec
-        v = h + x if spec.original_ln_before else h  # [n, L, H]
-        r = h if spec.residual_before_ln else v
-        u = self._bottleneck(p, v)  # [n, L, H]
-        if spec.ln_after and spec.adapter_residual_before_ln:
-            o = self._norm(p, "norm_after", u + r)
-        elif spec.ln_after:
-            o = self._norm(p, "norm_after", u) + r
-        else:
-            o = u + r
-        return o + x if spec.original_ln_after else o
-
-    def _parallel(self, p: dict[str, Tensor], h: Tensor, x: Tensor) -> Tensor:
-        u = self._bottleneck(p, x)  # [n, L, H]: a parallel adapter reads the sub-block's input
-        if self.spec.ln_after:
-            u = self._norm(p, "norm_after", u)
-        out = u + h
-        return out + x if self.spec.original_ln_after else out
+        return combine(self.spec, h, x, lambda v: self._bottleneck(p, v), lambda name, v: self._norm(p, name, v))
 
     def _bottleneck(self, p: dict[str, Tensor], v: Tensor) -> Tensor:
-        """v: [n, L, H] -> s * up(act(down(v))): [n, L, H]."""
+        """v: [n, L, H] -> s * up(act(down(LN_before(v)))): [n, L, H]."""
         if self.spec.ln_before:
             v = self._norm(p, "norm_before", v)
         down = self._act(F.linear(v, p["down.weight"], p["down.bias"]))  # [n, L, b]
@@ -122,6 +99,15 @@ class BottleneckAdapter:
 
     def _norm(self, p: dict[str, Tensor], name: str, v: Tensor) -> Tensor:
         return F.layer_norm(v, (self.hidden,), p[f"{name}.weight"], p[f"{name}.bias"], LN_EPS)
+
+    @property
+    def act(self) -> Callable[[Tensor], Tensor]:
+        return self._act
+
+    def scaling(self, site: Site) -> Tensor | float:
+        """What up(..) is multiplied by at this site: the learned [1] or [H] tensor, or the config's float."""
+        p = self.sites[site]
+        return p["scaling"] if "scaling" in p else (1.0 if self._scale is None else self._scale)
 
     def to_safetensors_dict(self) -> dict[str, Tensor]:
         """Canonical keys (`layers.{i}.{position}.{param}`) -> contiguous CPU tensors."""
@@ -141,6 +127,37 @@ class BottleneckAdapter:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / NATIVE_CONFIG).write_text(json.dumps(self.native_config(), indent=2) + "\n", encoding="utf-8")
         save_file(self.to_safetensors_dict(), str(folder / SAFETENSORS))
+
+
+def _served_layout(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """On the CPU, up.weight [H, b] stored column-major (same values): the slot kernel
+    (bottleneck_layer.py) then streams its b columns of H instead of H dots of b."""
+    up = params["up.weight"]
+    if up.is_cpu and not up.mT.is_contiguous():
+        params = {**params, "up.weight": up.mT.contiguous().mT}
+    return params
+
+
+def combine(spec: BottleneckSpec, h: Tensor, x: Tensor, f: Callable[[Tensor], Tensor],
+            norm: Callable[[str, Tensor], Tensor]) -> Tensor:
+    """h, x: [n, L, H] -> what replaces `x + h` (the module docstring's formulas), given the rows'
+    f(v) = s * up(act(down(LN_before(v)))) and their norms `norm(name, v)` ("norm_after")."""
+    if spec.is_parallel:
+        u = f(x)  # [n, L, H]: a parallel adapter reads the sub-block's input
+        if spec.ln_after:
+            u = norm("norm_after", u)
+        out = u + h
+        return out + x if spec.original_ln_after else out
+    v = h + x if spec.original_ln_before else h  # [n, L, H]
+    r = h if spec.residual_before_ln else v
+    u = f(v)  # [n, L, H]
+    if spec.ln_after and spec.adapter_residual_before_ln:
+        o = norm("norm_after", u + r)
+    elif spec.ln_after:
+        o = norm("norm_after", u) + r
+    else:
+        o = u + r
+    return o + x if spec.original_ln_after else o
 
 
 def load_bottleneck(folder: Path, base: object) -> BottleneckAdapter:
@@ -201,70 +218,3 @@ def _unexpected_reason(key: str, spec: BottleneckSpec, geometry: Geometry) -> st
     if layer in spec.leave_out or pos not in spec.positions():
         return "no tensor here: the config's leave_out / mh_adapter / output_adapter exclude this site"
     return "only the parameters the config implies (ln_before, ln_after, scaling)"
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """The rows of one adapter in the batch: a slice when contiguous, else an index tensor."""
-
-    span: slice | None
-    index: Tensor | None  # [k] long, on the adapter's device
-
-    @staticmethod
-    def of(rows: list[int], device: torch.device) -> _Rows:
-        if rows == list(range(rows[0], rows[-1] + 1)):
-            return _Rows(slice(rows[0], rows[-1] + 1), None)
-        return _Rows(None, torch.tensor(rows, dtype=torch.long, device=device))
-
-    def take(self, t: Tensor) -> Tensor:
-        return t[self.span] if self.span is not None else t.index_select(0, self.index)
-
-    def put(self, out: Tensor, values: Tensor) -> None:
-        if self.span is not None:
-            out[self.span] = values
-        else:
-            out.index_copy_(0, self.index, values)
-
-
-class BottleneckHooks:
-    """`ResidualHooks` for one batch composition: row i of every h/x belongs to rows[i] (None: base)."""
-
-    def __init__(self, plan: dict[Site, tuple[tuple[_Rows, BottleneckAdapter], ...]], n_rows: int) -> None:
-        self._plan = plan
-        self._n_rows = n_rows
-
-    @classmethod
-    def build(cls, rows: list[BottleneckAdapter | None]) -> ResidualHooks:
-        """Group rows by adapter once; sites no adapter of the batch uses stay `x + h`."""
-        members: dict[int, tuple[BottleneckAdapter, list[int]]] = {}
-        for i, adapter in enumerate(rows):
-            if adapter is not None:
-                members.setdefault(id(adapter), (adapter, []))[1].append(i)
-        if not members:
-            return PLAIN
-        plan: dict[Site, list[tuple[_Rows, BottleneckAdapter]]] = {}
-        for adapter, idx in members.values():
-            selected = _Rows.of(idx, adapter.device)
-            for site in adapter.sites:
-                plan.setdefault(site, []).append((selected, adapter))
-        return cls({site: tuple(groups) for site, groups in plan.items()}, len(rows))
-
-    def after_attention(self, layer: int, h: Tensor, x: Tensor) -> Tensor:
-        return self._join(("attention", layer), h, x)
-
-    def after_ffn(self, layer: int, h: Tensor, x: Tensor) -> Tensor:
-        return self._join(("output", layer), h, x)
-
-    def _join(self, site: Site, h: Tensor, x: Tensor) -> Tensor:
-        """h, x: [N, L, H] -> [N, L, H]; base rows get exactly `x + h`."""
-        if h.shape[0] != self._n_rows:
-            raise ValueError(f"hooks built for {self._n_rows} rows, called with {h.shape[0]}")
-        groups = self._plan.get(site)
-        if groups is None:
-            return x + h
-        if len(groups) == 1 and groups[0][0].span == slice(0, self._n_rows):
-            return groups[0][1].residual(site, h, x)
-        out = x + h  # [N, L, H]
-        for rows, adapter in groups:
-            rows.put(out, adapter.residual(site, rows.take(h), rows.take(x)))
-        return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from server.adapters.bottleneck import BottleneckHooks
+from server.adapters.bottleneck_layer import BottleneckHooks
 from server.adapters.lora import LoraPlan
 from server.decoder import PLAIN, ResidualHooks
 from server.engine.request import Request

@@ -2,15 +2,19 @@
 compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `triton()` imports).
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
-- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py).
+- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
+- slot_linear.cpp: a linear map of a batch, each row by its slot (adapters/bottleneck_layer.py).
 
 Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR; a changed source rebuilds). Where it cannot be built, `cpu()` is None, one
-warning is logged, and each caller takes its torch path (gathered blocks + SDPA; stacked `bmm`).
+$TORCH_EXTENSIONS_DIR, named by the sources' hash: a changed source builds anew, and checkouts of
+two versions on one machine do not rebuild each other's). Where it cannot be built, `cpu()` is
+None, one warning is logged, and each caller takes its torch path (gathered blocks + SDPA; stacked
+`bmm`; bottleneck adapters by groups).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +25,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("*.cpp"))
+# named by the sources' hash: checkouts of other versions on one machine keep their own builds
+NAME = "hotswap_kernels_" + hashlib.sha256(b"".join(Path(s).read_bytes() for s in SOURCES)).hexdigest()[:12]
 
 
 @functools.cache
@@ -31,7 +37,7 @@ def cpu():
         if shutil.which("ninja") is None:  # torch builds with ninja: the pip package's, when none is on PATH
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return cpp_extension.load("hotswap_kernels", SOURCES, extra_ldflags=["-fopenmp"],
+        return cpp_extension.load(NAME, SOURCES, extra_ldflags=["-fopenmp"],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the torch paths serve
         log.warning("CPU kernels unavailable (%s); decode attention gathers blocks, LoRA deltas stack weights", exc)

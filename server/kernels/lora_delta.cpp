@@ -1,7 +1,7 @@
 // Unmerged LoRA deltas of a batch on the CPU, each row by its slot (BGMV): every row reads its own
 // adapter's A and B where they lie, so a batch of rows of many adapters stacks or pads nothing, and
 // a row's delta is computed the same way whatever else is in the batch. Built with the other CPU
-// kernels by server/kernels/__init__.py; called by server/adapters/lora_slots.py.
+// kernels by server/kernels/__init__.py; called by server/adapters/lora_delta.py.
 //
 // x: [T, in] and out: [T, out] (a token per row, T = rows · tokens), out = base_layer(x) on entry;
 // slot_of_token: [T] int64, -1 where the token gets no delta (a base row, an aLoRA row before its

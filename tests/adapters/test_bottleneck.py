@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.adapters.bottleneck import (
-    BottleneckAdapter,
-    BottleneckHooks,
-    load_bottleneck,
-)
+from server import kernels
+from server.adapters import bottleneck_layer
+from server.adapters.bottleneck import BottleneckAdapter, load_bottleneck
+from server.adapters.bottleneck_layer import BottleneckHooks
 from server.adapters.bottleneck_format import parse_bottleneck_config
 from server.decoder import PLAIN
 from server.engine.cache import BlockTable, KVCache
@@ -401,3 +400,74 @@ def test_safetensors_preferred_over_bin(tmp_path):
     (folder / "pytorch_adapter.bin").write_bytes(b"not read")
     expected = sum(t.numel() * 4 for t in load_file(folder / "adapter.safetensors").values())
     assert load_bottleneck(folder, GEOMETRY).size_bytes == expected
+
+
+# --- decode by slot -----------------------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(kernels.cpu() is None, reason="no C++ compiler here: adapters run by groups")
+
+
+def option_adapters(tmp_path: Path, llama: BaseModel) -> list[BottleneckAdapter]:
+    """One adapter of each OPTION_CASES form, and a second seq_bn-like one of the first form."""
+    cases = [*OPTION_CASES.values(), OPTION_CASES["serial_ln_before_after_learned"]]
+    return [load_bottleneck(write_native(tmp_path / str(i), opts, seeded_weights(opts, 100 + i)), llama)
+            for i, (opts, _) in enumerate(cases)]
+
+
+class CountingKernels:
+    """The CPU kernels, counting slot_linear calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.built = kernels.cpu()
+
+    def slot_linear(self, *args) -> None:
+        self.calls += 1
+        self.built.slot_linear(*args)
+
+
+@needs_kernel
+def test_decode_by_slot_matches_each_adapter_alone(llama, tmp_path, monkeypatch):
+    adapters = option_adapters(tmp_path, llama)
+    rows = [adapters[0], None, adapters[1], adapters[4], adapters[2], adapters[3], None, adapters[0], adapters[1]]
+    g = torch.Generator().manual_seed(0)
+    h, x = (torch.randn(len(rows), 1, 256, generator=g) for _ in range(2))
+    counting = CountingKernels()
+    monkeypatch.setattr(bottleneck_layer.kernels, "cpu", lambda: counting)
+    hooks = BottleneckHooks.build(rows)
+    for layer in range(4):
+        for join, site in ((hooks.after_attention, ("attention", layer)), (hooks.after_ffn, ("output", layer))):
+            out = join(layer, h, x)
+            for i, adapter in enumerate(rows):
+                if adapter is None or site not in adapter.sites:
+                    assert torch.equal(out[i], x[i] + h[i])
+                else:
+                    expected = adapter.residual(site, h[i:i + 1], x[i:i + 1])[0]
+                    assert torch.allclose(out[i], expected, atol=1e-5, rtol=1e-5), (i, site)
+    assert counting.calls > 0
+
+
+@needs_kernel
+def test_decode_row_is_the_same_whatever_the_batch(llama, tmp_path):
+    adapters = option_adapters(tmp_path, llama)
+    g = torch.Generator().manual_seed(1)
+    h, x = (torch.randn(6, 1, 256, generator=g) for _ in range(2))
+    rows = [adapters[0], adapters[4], None, adapters[2], adapters[0], adapters[1]]
+    mixed = BottleneckHooks.build(rows).after_ffn(1, h, x)
+    for i, adapter in enumerate(rows):
+        if adapter is not None:
+            alone = BottleneckHooks.build([adapter]).after_ffn(1, h[i:i + 1], x[i:i + 1])
+            assert torch.equal(mixed[i], alone[0])
+
+
+@needs_kernel
+def test_generation_by_slot_matches_adapterhub(base):
+    """Decode steps run by slot when rows of several adapters share the batch."""
+    base_name, bm = base
+    ref = references(base_name)
+    adapters = [hub_adapter(base_name, name, bm) for name in HUB_ADAPTERS]
+    prompts = [prompt for prompt in ref["prompts"] for _ in HUB_ADAPTERS]
+    rows = [a for _ in ref["prompts"] for a in adapters]
+    tokens, _ = generate(bm, prompts, rows)
+    for i, (prompt, adapter) in enumerate(zip(prompts, [n for _ in ref["prompts"] for n in HUB_ADAPTERS])):
+        assert tokens[i] == ref["adapters"][adapter]["outputs"][ref["prompts"].index(prompt)]
