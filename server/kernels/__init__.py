@@ -2,7 +2,9 @@
 compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `triton()` imports).
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
-- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py).
+- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py);
+- attention_triton.py: the CUDA counterpart of paged_attention.cpp, checked once per geometry on
+  first use (engine/paged_attention.py; where it fails, one warning and the gather path).
 
 Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR; a changed source rebuilds). Where it cannot be built, `cpu()` is None, one

@@ -1,10 +1,12 @@
 """The Triton paged decode kernel (server/kernels/attention_triton.py): each row over its own keys, read
-where they lie in the pool, equals attention over that row's keys gathered.
+where they lie in the pool, equals attention over that row's keys gathered; its first-use check turns
+a wrong or failing kernel into the gather path; a model decoding on it gives the gather path's logits.
 
 Without CUDA the kernels run interpreted on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1),
 their tl.dot held to what a GPU does (`interpreter_as_the_gpu`)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -17,6 +19,8 @@ pytest.importorskip("triton")
 from server import kernels  # noqa: E402 - after the skip: these import triton
 from server.engine import paged_attention  # noqa: E402
 from server.kernels import attention_triton  # noqa: E402
+from tests.models.conftest import NEW, PROMPTS, greedy, served  # noqa: E402
+from tests.models.families import build  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LENGTHS = [1, 7, 16, 17, 150, 3]  # one row far longer than the others; most not whole blocks
@@ -45,6 +49,13 @@ def interpreter_as_the_gpu(monkeypatch):
                                         .view(np.float32), tl.float32)
 
     monkeypatch.setattr(builder, "create_dot", lambda a, b, *rest: dot(as_float32(a), as_float32(b), *rest))
+
+
+@pytest.fixture
+def fresh_checks():
+    paged_attention._triton_checked.cache_clear()
+    yield
+    paged_attention._triton_checked.cache_clear()
 
 
 def _problem(dtype, heads, kv_heads, dim, block, window=None, seed=0):
@@ -122,3 +133,45 @@ def test_keys_are_split_in_shares_only_where_rows_leave_the_gpu_idle():
     assert attention_triton.split_count(1, 8, 4096, processors) == 16  # shares of 256 keys at the least
     assert attention_triton.split_count(1, 8, 1 << 20, processors) == attention_triton.MAX_SPLITS
     assert attention_triton.split_count(2, 8, 300, processors) == 1  # too short to share
+
+
+def test_first_use_check_passes_the_kernel_and_refuses_a_wrong_or_failing_one(monkeypatch, caplog, fresh_checks):
+    check = paged_attention._triton_checked
+    assert check(DEVICE, torch.float32, 4, 2, 16, 24)
+    assert check(DEVICE, torch.bfloat16, 8, 2, 16, 80)
+    kernel = attention_triton.paged_decode
+    monkeypatch.setattr(attention_triton, "paged_decode", lambda *a, splits: kernel(*a, splits=splits) + 1e-3)
+    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
+        assert not check(DEVICE, torch.float32, 4, 1, 16, 24)
+        assert not check(DEVICE, torch.float32, 4, 1, 16, 24)  # decided once
+    assert len(caplog.records) == 1 and "difference" in caplog.text
+
+    def fails(*args, splits):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(attention_triton, "paged_decode", fails)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
+        assert not check(DEVICE, torch.float32, 4, 4, 16, 24)
+    assert "PTX assembly failed" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: GQA, sliding windows, softcap, scaling
+def test_decoding_on_the_triton_kernel_gives_the_gather_paths_logits(family, tmp_path, monkeypatch, fresh_checks):
+    if DEVICE.type == "cuda":
+        pytest.skip("greedy() decodes CPU models, and compiled Triton takes no CPU tensors")
+    bm = served(build(family, tmp_path / family))
+    kernel, launches = attention_triton.paged_decode, []
+
+    def counted(q, *args, **kw):
+        launches.append(q.shape[0])
+        return kernel(q, *args, **kw)
+
+    monkeypatch.setattr(attention_triton, "paged_decode", counted)
+    monkeypatch.setattr(kernels, "on_triton", lambda t: True)  # CPU tensors too: interpreted
+    tokens, logits = greedy(bm, PROMPTS)
+    assert launches.count(len(PROMPTS)) == (NEW - 1) * bm.geometry.n_layers  # every decode step, every layer
+    monkeypatch.setattr(paged_attention, "usable", lambda query, pool: False)
+    gathered_tokens, gathered_logits = greedy(bm, PROMPTS)
+    assert tokens == gathered_tokens
+    assert (logits - gathered_logits).abs().max() < 1e-4
