@@ -13,7 +13,8 @@ without one (masking_utils `_preprocess_mask_arguments` returns None), so it spe
 masks we would not read; ours are built from the `StepShape` by the first attention call that
 needs one, once per sliding window and forward, and none at all when the rows are aligned (a
 prefill from position 0, a decode step of rows of one length: SDPA then runs its mask-free
-kernels) or when a CPU decode step attends from the blocks (engine/paged_attention.py).
+kernels) or when a decode step attends from the blocks (engine/paged_attention.py: a C++ kernel
+on the CPU, a Triton one on CUDA).
 
 Adapter wrappers installed on the model's modules (LoRA) take effect because its modules are
 called; bottleneck adapters join at the residual points of `server/residual.py`.
@@ -45,7 +46,7 @@ INFERENCE_NOOPS = {("wrapped_func", "deprecation.py"),  # deprecate_kwarg: renam
 @dataclass
 class Step:
     """What one forward's attention calls share: the shape, the cache, masks built on first use
-    (a decode step attended from the blocks by the CPU kernel builds none)."""
+    (a decode step attended from the blocks by a kernel builds none)."""
 
     shape: StepShape
     cache: KVCache
@@ -94,7 +95,7 @@ def attention(
     step = hotswap_step
     shape = step.shape
     step.cache.store(module.layer_idx, shape, key, value)
-    if shape.table is not None and paged_attention.usable(query):  # decode on the CPU: from the blocks
+    if shape.table is not None and paged_attention.usable(query, step.cache.pool):  # decode: from the blocks
         pool_k, pool_v = step.cache.layer(module.layer_idx)
         out = paged_attention.decode(query, pool_k, pool_v, shape.table, shape.lengths, scaling, sliding_window,
                                      softcap)  # [N, 1, Hq, D]

@@ -17,9 +17,9 @@ engine/prompt_cache.py): a row lets go of those instead of freeing them, and idl
 
 A forward's `StepShape` (built by `step`) says where each new token is written (block and offset)
 and which blocks each row reads (`table`, padded with block 0). `store` writes a layer's new k/v;
-a decode step on the CPU then attends straight from the pool (engine/paged_attention.py); other
-steps `read` the keys/values they attend over: the new ones themselves when every row starts at
-position 0, else the rows' blocks gathered into `[N, Hkv, T, D]`.
+a decode step then attends straight from the pool (engine/paged_attention.py: C++ on the CPU,
+Triton on CUDA); other steps `read` the keys/values they attend over: the new ones themselves when
+every row starts at position 0, else the rows' blocks gathered into `[N, Hkv, T, D]`.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
 - lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
-- slot_linear.cpp: a linear map of a batch, each row by its slot (adapters/bottleneck_layer.py).
+- slot_linear.cpp: a linear map of a batch, each row by its slot (adapters/bottleneck_layer.py);
+- attention_triton.py: the CUDA counterpart of paged_attention.cpp, checked once per geometry on
+  first use (engine/paged_attention.py; where it fails, one warning and the gather path).
 
 Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
 $TORCH_EXTENSIONS_DIR, named by the sources' hash: a changed source builds anew, and checkouts of

@@ -144,10 +144,11 @@ def test_cpu_decode_kernel_equals_attention_over_each_rows_own_keys(dtype, heads
 
 
 def test_decode_gathering_blocks_gives_the_kernels_tokens(llama, monkeypatch):
-    """Where the kernel cannot be built (or on CUDA) decode gathers the rows' blocks for SDPA: same tokens."""
+    """Where no kernel serves (none built, or Triton failed its check) decode gathers the rows' blocks for
+    SDPA: same tokens."""
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 4000, (n,), generator=gen).tolist() for n in (3, 70, 20, 33)]
     with_kernel, _, _ = _greedy(llama, prompts, 6)
-    monkeypatch.setattr(paged_attention, "usable", lambda query: False)
+    monkeypatch.setattr(paged_attention, "usable", lambda query, pool: False)
     gathered, _, _ = _greedy(llama, prompts, 6)
     assert gathered == with_kernel
