@@ -2,11 +2,16 @@
 path (ModuleDelta, the reference) per row: slots of different ranks beside rows with no delta, at
 decode and prefill (rows of different adapters in one token tile), with shift, DoRA with and without
 a base bias, aLoRA gates, in float32 and half precision; a row's delta does not depend on the rest
-of the batch; the table points at the weights where they lie. Without CUDA the kernels run under
-Triton's interpreter on CPU tensors (tests/conftest.py); with CUDA, compiled on the GPU."""
+of the batch; the table points at the weights where they lie; module_delta takes the kernels only
+once they check out. Without CUDA the kernels run under Triton's interpreter on CPU tensors
+(tests/conftest.py) and are also compiled, not run, for sm_80/sm_90; with CUDA, run on the GPU."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +144,41 @@ def test_kernels_that_fail_the_check_leave_the_stacked_path_with_one_warning(on_
         deltas = [module_delta(_rows()) for _ in range(3)]
     assert all(isinstance(d, ModuleDelta) for d in deltas)
     assert len(caplog.records) == 1 and says in caplog.records[0].message
+
+
+# Run without TRITON_INTERPRET: the kernels as the GPU compiler sees them, every launch's variant.
+COMPILE = """
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from server.kernels import lora_triton as k
+
+def signature(kernel, dtype, constexprs):
+    pointers = {"x_ptr": dtype, "out_ptr": dtype, "bias_ptr": dtype, "slot_ptr": "i32", "table_ptr": "i64"}
+    return {name: "constexpr" if name in constexprs else "*" + pointers.get(name, "fp32") if name.endswith("_ptr")
+            else "i32" for name in kernel.arg_names}
+
+tilings, biases = (k.DECODE, k.PREFILL), (True, False)
+for arch, dtype, (m, r, kk, n), bias in itertools.product((80, 90), ("fp32", "bf16"), tilings, biases):
+    launches = [(k._expand, {"HAS_BIAS": bias, "BLOCK_M": m, "BLOCK_R": r, "BLOCK_N": n})]
+    if bias:  # _shrink has no bias: once per tiling
+        launches.append((k._shrink, {"BLOCK_M": m, "BLOCK_R": r, "BLOCK_K": kk}))
+    for kernel, constexprs in launches:
+        src = ASTSource(kernel, signature(kernel, dtype, constexprs), constexprs=constexprs)
+        assert triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"], (kernel, arch, dtype, m)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, the tests above compile and run the kernels")
+def test_the_kernels_compile_for_real_gpus_here(tmp_path):
+    """What the interpreter accepts, a GPU compile may reject: each launch's kernel, compiled to a
+    cubin for sm_80 and sm_90 (Triton's own ptxas, no GPU needed), in float32 and bfloat16."""
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-4000:]
