@@ -2,11 +2,14 @@
 compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `triton()` imports).
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
-- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_slots.py).
+- lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
+- lora_triton.py: the same on CUDA, each token by its slot, decode and prefill (adapters/lora_delta.py,
+  which takes it once it has matched the stacked path on a small problem on the device).
 
-Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR; a changed source rebuilds). Where it cannot be built, `cpu()` is None, one
-warning is logged, and each caller takes its torch path (gathered blocks + SDPA; stacked `bmm`).
+The C++ sources are built on first use (about a minute, then cached by torch under
+~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR; a changed source rebuilds). Where it cannot be
+built, `cpu()` is None, one warning is logged, and each caller takes its torch path (gathered blocks
++ SDPA; stacked `bmm`). Triton compiles its kernels at their first launch (cached by Triton).
 """
 from __future__ import annotations
 
