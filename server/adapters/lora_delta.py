@@ -204,8 +204,8 @@ class SlotDelta:
     @staticmethod
     def build(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta:
         slots, distinct = _slots(per_row)
-        return SlotDelta(tuple(per_row), torch.tensor(slots), _table(distinct),
-                         torch.tensor([w.scale for w in distinct]), distinct[0].A.dtype, any(w.dora_scale is not None for w in distinct), gated)
+        return SlotDelta(tuple(per_row), torch.tensor(slots), _table(distinct), torch.tensor([w.scale for w in distinct]),
+                         distinct[0].A.dtype, any(w.dora_scale is not None for w in distinct), gated)
 
 
 @dataclass(frozen=True)
