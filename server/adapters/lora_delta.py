@@ -1,15 +1,20 @@
-"""A wrapped module's LoRA: its weights, and the per-row delta of one batch composition, two ways.
+"""A wrapped module's LoRA: its weights, and the per-row delta of one batch composition, three ways.
 
     SlotDelta    CPU, one token per row (decode): a slot table. Each distinct adapter at the module
                  is a slot (the addresses of its A, B, shift and DoRA g; nothing copied), each row
                  holds a slot index, and server/kernels/lora_delta.cpp computes every row from its
                  own adapter's weights where they lie (BGMV). A join or a leave builds a table of a
                  few integers; a row's delta is the same whatever else is in the batch.
-    ModuleDelta  anywhere else (CUDA, prefill, no compiler): gather-batched. The A/B of every row
-                 with a delta are stacked (s folded into B) and zero-padded to the batch's largest
-                 rank; a forward is one `index_select` (none when every row has a delta), two
-                 `torch.bmm` and one in-place add. When every such row has the same adapter its A
-                 and s·B are used as they are: two matmuls folded over all tokens, no copies.
+    TritonDelta  CUDA with triton, any tokens per row (decode and prefill): the same slot table, on
+                 the device, read by server/kernels/lora_triton.py (every token carries its row's
+                 slot; shrink to each slot's own rank, then expand). Chosen once the kernels have
+                 matched ModuleDelta on a small problem on the device (`triton_serves`, checked
+                 once per device and dtype; else one warning and ModuleDelta). Not measured on a GPU.
+    ModuleDelta  anywhere else (CPU prefill, no compiler or triton, float64): gather-batched. The
+                 A/B of every row with a delta are stacked (s folded into B) and zero-padded to the
+                 batch's largest rank; a forward is one `index_select` (none when every row has a
+                 delta), two `torch.bmm` and one in-place add. When every such row has the same
+                 adapter its A and s·B are used as they are: two matmuls over all tokens, no copies.
 
 `python -m load_tests.lora_kernels` (bench shapes q/o 768->768, k/v 768->256, 8 rows, r=16; µs per
 layer of 4 modules, weights in cache, fp32, 2 threads of a Sapphire Rapids VM; base q/k/v/o 210):
@@ -25,19 +30,22 @@ as the kernel's dots, so a SlotDelta builds its stacked form, once, when more th
 row comes.
 
 Grouping rows by adapter (index, two matmuls, index_add per adapter) grows with the number of
-adapters; neither way here does (on an H200 in bf16, launch-bound: grouped 224-1710 µs vs stacked
+adapters; none of the ways here does (on an H200 in bf16, launch-bound: grouped 224-1710 µs vs stacked
 142-191 µs).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from server import kernels
+
+log = logging.getLogger(__name__)
 
 ONE_THREAD_MAX_TOKENS = 64  # CPU stacked deltas over at most this many tokens run on one thread (see apply)
 ONE_THREAD_MAX_WEIGHTS = 512 * 1024  # ... and over at most this many A+B elements (2 MiB in fp32)
@@ -48,7 +56,7 @@ class LoraWeights:
     """One module's LoRA, ready to serve. Shapes use the nn.Linear convention even for Conv1D."""
 
     A: Tensor  # [r, in]
-    B: Tensor  # [out, r]; on the CPU stored column-major (Bᵀ contiguous), as the slot kernel streams it
+    B: Tensor  # [out, r], stored column-major (Bᵀ contiguous), as both slot kernels stream it
     scale: float  # s = alpha / r (rsLoRA: alpha / sqrt(r))
     dora_scale: Tensor | None = None  # [out] DoRA g = magnitude / ‖W + s·BA‖ of the pristine base
     lora_bias: Tensor | None = None  # [out] bias of lora_B (merged as s·b_B)
@@ -56,7 +64,7 @@ class LoraWeights:
     shift: Tensor | None = None  # [out] s·b_B + (b' − b): what an unmerged row adds besides B(A x)
 
     def __post_init__(self) -> None:
-        if self.B.is_cpu and not self.B.T.is_contiguous():
+        if not self.B.T.is_contiguous():
             object.__setattr__(self, "B", self.B.T.contiguous().T)  # same values, Bᵀ's layout
 
     @property
@@ -195,31 +203,132 @@ class SlotDelta:
 
     @staticmethod
     def build(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta:
-        slot_of: dict[int, int] = {}  # id(weights) -> slot
-        distinct: list[LoraWeights] = []
-        for w in per_row:
-            if w is not None and id(w) not in slot_of:
-                slot_of[id(w)] = len(distinct)
-                distinct.append(w)
-        table = [[w.A.data_ptr(), w.B.data_ptr(), w.rank, _address(w.shift), _address(w.dora_scale)] for w in distinct]
-        return SlotDelta(tuple(per_row), torch.tensor([-1 if w is None else slot_of[id(w)] for w in per_row]),
-                         torch.tensor(table, dtype=torch.long), torch.tensor([w.scale for w in distinct]),
+        slots, distinct = _slots(per_row)
+        return SlotDelta(tuple(per_row), torch.tensor(slots), _table(distinct), torch.tensor([w.scale for w in distinct]),
                          distinct[0].A.dtype, any(w.dora_scale is not None for w in distinct), gated)
+
+
+@dataclass(frozen=True)
+class TritonDelta:
+    """The per-row delta of one wrapped module as a slot table on CUDA, any tokens per row (see the
+    module docstring): the CPU's table, on the device, read by server/kernels/lora_triton.py."""
+
+    per_row: tuple[LoraWeights | None, ...]  # row i's weights here, None where it gets no delta
+    slot_of_row: Tensor  # [N] int32: row -> slot, -1 where the row gets no delta here
+    table: Tensor  # [S, 5] int64 per slot, as SlotDelta's
+    scales: Tensor  # [S] float32: each slot's s
+    max_rank: int  # R: the widest of the slots' s·A x, which the kernel keeps between its two launches
+    dtype: torch.dtype  # of every tensor the table points at
+    dora: bool  # a slot has DoRA's g: the kernel needs the base bias
+    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
+
+    def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
+        """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
+        each row's delta applies (None: everywhere)."""
+        if x.dtype != self.dtype:
+            return self.stacked.apply(x, out, base_bias, gate)
+        from server.kernels.lora_triton import lora_delta  # triton is imported only where it serves
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
+        n, tokens = x3.shape[:2]
+        slots = self.slot_of_row[:, None].expand(n, tokens)  # [N, L]: each token its row's slot
+        if self.gated and gate is not None:  # aLoRA tokens before their invocation: no slot
+            slots = torch.where(gate.reshape(n, tokens), slots, -1)
+        lora_delta(x3.reshape(n * tokens, -1), out.view(n * tokens, -1), slots.reshape(-1).contiguous(), self.table,
+                   self.scales, base_bias if self.dora else None, self.max_rank, tokens)  # x [T, in], out [T, out]
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_of_row.device
+
+    @cached_property
+    def stacked(self) -> ModuleDelta:
+        return ModuleDelta.build(list(self.per_row), self.gated)
+
+    @staticmethod
+    def build(per_row: list[LoraWeights | None], gated: bool = False) -> TritonDelta:
+        slots, distinct = _slots(per_row)
+        device = distinct[0].A.device
+        return TritonDelta(tuple(per_row), torch.tensor(slots, dtype=torch.int32, device=device),
+                           _table(distinct).to(device), torch.tensor([w.scale for w in distinct], device=device),
+                           max(w.rank for w in distinct), distinct[0].A.dtype,
+                           any(w.dora_scale is not None for w in distinct), gated)
+
+
+def _slots(per_row: list[LoraWeights | None]) -> tuple[list[int], list[LoraWeights]]:
+    """Each row's slot (-1: none) and the distinct weights, a slot each, in order of first use."""
+    slot_of: dict[int, int] = {}  # id(weights) -> slot
+    distinct: list[LoraWeights] = []
+    for w in per_row:
+        if w is not None and id(w) not in slot_of:
+            slot_of[id(w)] = len(distinct)
+            distinct.append(w)
+    return [-1 if w is None else slot_of[id(w)] for w in per_row], distinct
+
+
+def _table(distinct: list[LoraWeights]) -> Tensor:
+    """[S, 5] int64 per slot: the addresses of A and B, r, the addresses of shift and g (0: none)."""
+    return torch.tensor([[w.A.data_ptr(), w.B.data_ptr(), w.rank, _address(w.shift), _address(w.dora_scale)]
+                         for w in distinct], dtype=torch.long)
 
 
 def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def module_delta(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta | ModuleDelta:
-    """The delta of one module over a batch: by slot on the CPU when the kernels are built, else stacked."""
+def module_delta(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta | TritonDelta | ModuleDelta:
+    """The delta of one module over a batch: by slot on CUDA with Triton (once it has checked out on
+    the device) and on the CPU when the kernels are built, else stacked."""
     weights = [w for w in per_row if w is not None]
-    if all(w.A.is_cpu and _servable(w, weights[0].A.dtype) for w in weights) and kernels.cpu() is not None:
+    first = weights[0].A
+    if not all(_servable(w, first) for w in weights):
+        return ModuleDelta.build(per_row, gated)
+    if kernels.on_triton(first) and first.dtype in CHECK_TOLERANCE:  # float64 stays exact, stacked
+        return (TritonDelta if triton_serves(first.device, first.dtype) else ModuleDelta).build(per_row, gated)
+    if first.is_cpu and kernels.cpu() is not None:
         return SlotDelta.build(per_row, gated)
     return ModuleDelta.build(per_row, gated)
 
 
-def _servable(w: LoraWeights, dtype: torch.dtype) -> bool:
-    """The kernel reads A, shift and g contiguous and B column-major (LoraWeights stores it so), in one dtype."""
+def _servable(w: LoraWeights, like: Tensor) -> bool:
+    """The kernels read A, shift and g contiguous and B column-major (LoraWeights stores it so), in
+    one dtype, on one device."""
     vectors = [t for t in (w.A, w.B.T, w.shift, w.dora_scale) if t is not None]
-    return all(t.is_contiguous() and t.dtype == dtype for t in vectors)
+    return all(t.is_contiguous() and t.dtype == like.dtype and t.device == like.device for t in vectors)
+
+
+@cache
+def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels compile and equal ModuleDelta on `device` in `dtype`, checked once
+    on a small problem (decode and prefill; plain, shift and DoRA slots of ranks across a tile; with
+    and without a base bias). Where not, one warning, and the stacked path serves from then on."""
+    try:
+        error = max(_triton_error(device, dtype, tokens, bias) for tokens in (1, 3) for bias in (True, False))
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure: the stacked path serves
+        log.warning("Triton LoRA kernels unavailable on %s in %s (%r); LoRA deltas stack weights", device, dtype, exc)
+        return False
+    if error > CHECK_TOLERANCE[dtype]:
+        log.warning("Triton LoRA kernels differ from the stacked path on %s in %s (relative error %.3g > %g); "
+                    "LoRA deltas stack weights", device, dtype, error, CHECK_TOLERANCE[dtype])
+        return False
+    return True
+
+
+CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # a rounding or two of `dtype`
+
+
+def _triton_error(device: torch.device, dtype: torch.dtype, tokens: int, bias: bool) -> float:
+    """max |TritonDelta − ModuleDelta| / (1 + |ModuleDelta|) on 4 rows, 40 -> 72, of ranks 4 and 20 (one
+    plain, one with shift and DoRA, one base row); the reference in float64 from the same `dtype` values."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+    plain = LoraWeights(rand(4, 40), rand(72, 4), 0.5)
+    dora = LoraWeights(rand(20, 40), rand(72, 20) * 0.2, 0.25, dora_scale=rand(72).abs() + 0.5, shift=rand(72))
+    per_row = [plain, None, dora, plain]
+    x, base_out, base_bias = rand(4, tokens, 40), rand(4, tokens, 72), rand(72) if bias else None
+    wide = [None if w is None else w.to(device, torch.float64) for w in per_row]
+    want = ModuleDelta.build(wide).apply(x.double(), base_out.double(), None if base_bias is None else base_bias.double())
+    got = TritonDelta.build(per_row).apply(x, base_out.clone(), base_bias)
+    return ((got.double() - want).abs() / (1 + want.abs())).max().item()

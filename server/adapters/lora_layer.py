@@ -15,9 +15,9 @@ One `LoraContext` is shared by all wrappers of a model; the engine sets `ctx.pla
 forward, and `ctx.gate` when an aLoRA row is in it (alora.py: its delta is zero before its
 invocation). `ctx.plan = None` (no unmerged LoRA row in the batch) costs one attribute check.
 
-Each module's per-row delta (lora_delta.py): on the CPU a slot table read by a C++ kernel (each
-row from its own adapter's weights, nothing stacked); elsewhere the rows' A/B stacked per
-composition for `torch.bmm`. The engine caches the plan per batch composition.
+Each module's per-row delta (lora_delta.py): a slot table read by a kernel (each row from its own
+adapter's weights, nothing stacked): C++ on the CPU at decode, Triton on CUDA; elsewhere the rows'
+A/B stacked per composition for `torch.bmm`. The engine caches the plan per batch composition.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, module_delta
+from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, TritonDelta, module_delta
 from server.adapters.lora_params import (
     ExpertsDelta,
     LoraExperts,
@@ -54,7 +54,8 @@ class LoraPlan:
     """What every wrapper needs for one batch composition; build once per composition, reuse per step."""
 
     rows: int  # N, the batch's rows (an MoE block's router and experts see them as N·L tokens)
-    modules: dict[str, SlotDelta | ModuleDelta]  # module name -> delta (Linear, Conv1D, MoE router); untargeted: absent
+    # module name -> delta (Linear, Conv1D, MoE router); untargeted: absent
+    modules: dict[str, SlotDelta | TritonDelta | ModuleDelta]
     experts: dict[str, ExpertsDelta]  # experts module name -> delta of its Parameters; untargeted: absent
 
     @staticmethod

@@ -52,7 +52,7 @@ from server.adapters.patterns import listed
 from server.errors import AdapterFormatError
 
 if TYPE_CHECKING:
-    from server.adapters.lora_delta import ModuleDelta, SlotDelta
+    from server.adapters.lora_delta import ModuleDelta, SlotDelta, TritonDelta
     from server.adapters.lora_layer import LoraContext
     from server.engine.clock import AdapterClock
 
@@ -284,7 +284,7 @@ class LoraRouter(LoraWrapper):
 class _LogitsDelta(TorchFunctionMode):
     """Adds a router's per-row delta to the output of the F.linear that applies its weight."""
 
-    def __init__(self, weight: Tensor, delta: SlotDelta | ModuleDelta, rows: int,
+    def __init__(self, weight: Tensor, delta: SlotDelta | TritonDelta | ModuleDelta, rows: int,
                  clock: AdapterClock | None) -> None:
         super().__init__()
         self.weight, self.delta, self.rows, self.clock = weight, delta, rows, clock

@@ -5,13 +5,17 @@ compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `
 - lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
 - slot_linear.cpp: a linear map of a batch, each row by its slot (adapters/bottleneck_layer.py);
 - attention_triton.py: the CUDA counterpart of paged_attention.cpp, checked once per geometry on
-  first use (engine/paged_attention.py; where it fails, one warning and the gather path).
+  first use (engine/paged_attention.py; where it fails, one warning and the gather path);
+- lora_triton.py: lora_delta.cpp's counterpart on CUDA, each token by its slot, decode and prefill
+  (adapters/lora_delta.py, which takes it once it has matched the stacked path on a small problem
+  on the device).
 
-Built on first use (about a minute, then cached by torch under ~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR, named by the sources' hash: a changed source builds anew, and checkouts of
-two versions on one machine do not rebuild each other's). Where it cannot be built, `cpu()` is
-None, one warning is logged, and each caller takes its torch path (gathered blocks + SDPA; stacked
-`bmm`; bottleneck adapters by groups).
+The C++ sources are built on first use (about a minute, then cached by torch under
+~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR, named by the sources' hash: a changed source
+builds anew, and checkouts of two versions on one machine do not rebuild each other's). Where they
+cannot be built, `cpu()` is None, one warning is logged, and each caller takes its torch path
+(gathered blocks + SDPA; stacked `bmm`; bottleneck adapters by groups). Triton compiles its kernels
+at their first launch (cached by Triton).
 """
 from __future__ import annotations
 
