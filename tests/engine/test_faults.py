@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters import lora_layer
 from server.adapters.bottleneck import BottleneckAdapter
+from server.adapters.bottleneck_layer import SlotSite
 from server.engine import sampling
 from server.engine.engine import Engine
 from tests.conftest import FIXTURES, LLAMA, live_server, references
@@ -120,14 +121,20 @@ def poisoned(monkeypatch, srv):
         with srv.client() as c:
             assert c.post("/adapters/poison-bn/pin").status_code == 200  # resident: its weights object exists
         weights = srv.app.state.registry.get("poison-bn").adapter.weights
-        real = BottleneckAdapter.residual
+        by_group, by_slot = BottleneckAdapter.residual, SlotSite.residual  # prefill; decode on the CPU
 
-        def residual(self, site, h, x):
+        def group_residual(self, site, h, x):
             if self is weights and (h.shape[1] == 1) == (stage == "decode"):
                 raise RuntimeError(f"injected fault in {stage}")
-            return real(self, site, h, x)
+            return by_group(self, site, h, x)
 
-        monkeypatch.setattr(BottleneckAdapter, "residual", residual)
+        def slot_residual(self, h, x):
+            if weights in self.keep and stage == "decode":
+                raise RuntimeError(f"injected fault in {stage}")
+            return by_slot(self, h, x)
+
+        monkeypatch.setattr(BottleneckAdapter, "residual", group_residual)
+        monkeypatch.setattr(SlotSite, "residual", slot_residual)
     return arm
 
 
