@@ -18,6 +18,7 @@ hidden 768, rf 16), in BENCHMARKS.md: per step, 8 distinct adapters cost 4.7 ms 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class SlotSite:
     """One form's rows at one site, by slot (see the module docstring)."""
 
     spec: BottleneckSpec  # of the form (any of its adapters': they agree on every form field)
-    act: object  # the form's activation, Tensor -> Tensor
+    act: Callable[[Tensor], Tensor]  # the form's activation
     slot_of_row: Tensor  # [M] long: each of the form's rows -> its adapter's slot
     down: Tensor  # [S, 6] long per slot: addresses of down.weight [b, H] and down.bias, b, H, strides
     up: Tensor  # [S, 6] long per slot: addresses of up.weight [H, b] (column-major) and up.bias, H, b, strides

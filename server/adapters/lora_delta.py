@@ -168,16 +168,45 @@ def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
 
 
 @dataclass(frozen=True)
-class SlotDelta:
-    """The per-row delta of one wrapped module as a slot table (see the module docstring)."""
+class _SlotTable:
+    """A wrapped module's LoRA over a batch as a slot table: each distinct adapter a slot (its
+    addresses; nothing copied), each row a slot index. SlotDelta and TritonDelta read it."""
 
     per_row: tuple[LoraWeights | None, ...]  # row i's weights here, None where it gets no delta
-    slot_of_row: Tensor  # [N] long: row -> slot, -1 where the row gets no delta here
+    slot_of_row: Tensor  # [N] row -> slot (long on the CPU, int32 on CUDA), -1 where the row gets no delta here
     table: Tensor  # [S, 5] long per slot: addresses of A [r, in] and B [out, r], r, of shift and DoRA g (0: none)
     scales: Tensor  # [S] float32: each slot's s
     dtype: torch.dtype  # of every tensor the table points at
     dora: bool  # a slot has DoRA's g: the kernel needs the base bias
     gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_of_row.device
+
+    @cached_property
+    def stacked(self) -> ModuleDelta:
+        return ModuleDelta.build(list(self.per_row), self.gated)
+
+    @classmethod
+    def _build(cls, per_row: list[LoraWeights | None], gated: bool, slot_dtype: torch.dtype):
+        slot_of: dict[int, int] = {}  # id(weights) -> slot
+        distinct: list[LoraWeights] = []
+        for w in per_row:
+            if w is not None and id(w) not in slot_of:
+                slot_of[id(w)] = len(distinct)
+                distinct.append(w)
+        device = distinct[0].A.device
+        slots = torch.tensor([-1 if w is None else slot_of[id(w)] for w in per_row], dtype=slot_dtype, device=device)
+        table = [[w.A.data_ptr(), w.B.data_ptr(), w.rank, _address(w.shift), _address(w.dora_scale)] for w in distinct]
+        return cls(tuple(per_row), slots, torch.tensor(table, dtype=torch.long, device=device),
+                   torch.tensor([w.scale for w in distinct], device=device), distinct[0].A.dtype,
+                   any(w.dora_scale is not None for w in distinct), gated)
+
+
+@dataclass(frozen=True)
+class SlotDelta(_SlotTable):
+    """The per-row delta of one wrapped module by slot on the CPU (see the module docstring)."""
 
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
@@ -193,34 +222,15 @@ class SlotDelta:
                                  bias)  # x [N, in], out [N, out]
         return out
 
-    @property
-    def device(self) -> torch.device:
-        return self.slot_of_row.device
-
-    @cached_property
-    def stacked(self) -> ModuleDelta:
-        return ModuleDelta.build(list(self.per_row), self.gated)
-
     @staticmethod
     def build(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta:
-        slots, distinct = _slots(per_row)
-        return SlotDelta(tuple(per_row), torch.tensor(slots), _table(distinct), torch.tensor([w.scale for w in distinct]),
-                         distinct[0].A.dtype, any(w.dora_scale is not None for w in distinct), gated)
+        return SlotDelta._build(per_row, gated, torch.long)
 
 
 @dataclass(frozen=True)
-class TritonDelta:
-    """The per-row delta of one wrapped module as a slot table on CUDA, any tokens per row (see the
-    module docstring): the CPU's table, on the device, read by server/kernels/lora_triton.py."""
-
-    per_row: tuple[LoraWeights | None, ...]  # row i's weights here, None where it gets no delta
-    slot_of_row: Tensor  # [N] int32: row -> slot, -1 where the row gets no delta here
-    table: Tensor  # [S, 5] int64 per slot, as SlotDelta's
-    scales: Tensor  # [S] float32: each slot's s
-    max_rank: int  # R: the widest of the slots' s·A x, which the kernel keeps between its two launches
-    dtype: torch.dtype  # of every tensor the table points at
-    dora: bool  # a slot has DoRA's g: the kernel needs the base bias
-    gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
+class TritonDelta(_SlotTable):
+    """The per-row delta of one wrapped module by slot on CUDA, any tokens per row (see the module
+    docstring): the table on the device, read by server/kernels/lora_triton.py."""
 
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
@@ -237,39 +247,14 @@ class TritonDelta:
                    self.scales, base_bias if self.dora else None, self.max_rank, tokens)  # x [T, in], out [T, out]
         return out
 
-    @property
-    def device(self) -> torch.device:
-        return self.slot_of_row.device
-
     @cached_property
-    def stacked(self) -> ModuleDelta:
-        return ModuleDelta.build(list(self.per_row), self.gated)
+    def max_rank(self) -> int:
+        """R: the widest of the slots' s·A x, which the kernel keeps between its two launches."""
+        return max(w.rank for w in self.per_row if w is not None)
 
     @staticmethod
     def build(per_row: list[LoraWeights | None], gated: bool = False) -> TritonDelta:
-        slots, distinct = _slots(per_row)
-        device = distinct[0].A.device
-        return TritonDelta(tuple(per_row), torch.tensor(slots, dtype=torch.int32, device=device),
-                           _table(distinct).to(device), torch.tensor([w.scale for w in distinct], device=device),
-                           max(w.rank for w in distinct), distinct[0].A.dtype,
-                           any(w.dora_scale is not None for w in distinct), gated)
-
-
-def _slots(per_row: list[LoraWeights | None]) -> tuple[list[int], list[LoraWeights]]:
-    """Each row's slot (-1: none) and the distinct weights, a slot each, in order of first use."""
-    slot_of: dict[int, int] = {}  # id(weights) -> slot
-    distinct: list[LoraWeights] = []
-    for w in per_row:
-        if w is not None and id(w) not in slot_of:
-            slot_of[id(w)] = len(distinct)
-            distinct.append(w)
-    return [-1 if w is None else slot_of[id(w)] for w in per_row], distinct
-
-
-def _table(distinct: list[LoraWeights]) -> Tensor:
-    """[S, 5] int64 per slot: the addresses of A and B, r, the addresses of shift and g (0: none)."""
-    return torch.tensor([[w.A.data_ptr(), w.B.data_ptr(), w.rank, _address(w.shift), _address(w.dora_scale)]
-                         for w in distinct], dtype=torch.long)
+        return TritonDelta._build(per_row, gated, torch.int32)
 
 
 def _address(t: Tensor | None) -> int:

@@ -14,17 +14,22 @@ IN, OUT = 48, 40
 needs_kernel = pytest.mark.skipif(kernels.cpu() is None, reason="no C++ compiler here: the stacked path serves")
 
 
-def _weights(gen: torch.Generator, rank: int, shift: bool = False, dora: bool = False) -> LoraWeights:
+def lora_weights(gen: torch.Generator, rank: int, shift: bool = False, dora: bool = False,
+                 size: tuple[int, int] = (IN, OUT)) -> LoraWeights:
+    """Seeded weights of one module, in -> out = `size`, s = 2 / rank."""
+    n_in, n_out = size
+
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
-    return LoraWeights(rand(rank, IN), rand(OUT, rank) * 0.1, 2.0 / rank,
-                       dora_scale=rand(OUT).abs() + 0.5 if dora else None, shift=rand(OUT) * 0.1 if shift else None)
+    return LoraWeights(rand(rank, n_in), rand(n_out, rank) * 0.1, 2.0 / rank,
+                       dora_scale=rand(n_out).abs() + 0.5 if dora else None,
+                       shift=rand(n_out) * 0.1 if shift else None)
 
 
 def _rows(dtype: torch.dtype = torch.float32) -> list[LoraWeights | None]:
     gen = torch.Generator().manual_seed(0)
-    plain8, plain32 = _weights(gen, 8), _weights(gen, 32)
-    shifted, dora = _weights(gen, 16, shift=True), _weights(gen, 4, shift=True, dora=True)
+    plain8, plain32 = lora_weights(gen, 8), lora_weights(gen, 32)
+    shifted, dora = lora_weights(gen, 16, shift=True), lora_weights(gen, 4, shift=True, dora=True)
     rows = [plain8, None, plain32, shifted, plain8, dora, None, plain32]
     return [None if w is None else w.to("cpu", dtype) for w in rows]
 

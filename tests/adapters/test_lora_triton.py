@@ -21,24 +21,19 @@ pytest.importorskip("triton")
 from server import kernels  # noqa: E402
 from server.adapters import lora_delta  # noqa: E402
 from server.adapters.lora_delta import LoraWeights, ModuleDelta, TritonDelta, module_delta  # noqa: E402
+from tests.adapters.test_lora_delta import lora_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IN, OUT = 136, 144  # past one K tile and one N tile at decode (128), five at prefill (32)
 HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # about one rounding of the output
 
 
-def _weights(gen: torch.Generator, rank: int, shift: bool = False, dora: bool = False) -> LoraWeights:
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen)
-    return LoraWeights(rand(rank, IN), rand(OUT, rank) * 0.1, 2.0 / rank,
-                       dora_scale=rand(OUT).abs() + 0.5 if dora else None, shift=rand(OUT) * 0.1 if shift else None)
-
-
 def _rows(dtype: torch.dtype = torch.float32) -> list[LoraWeights | None]:
     """8 rows: ranks 8 and 20 (two rank tiles), 16 with shift, 4 with shift and DoRA, two base rows."""
     gen = torch.Generator().manual_seed(0)
-    plain8, plain20 = _weights(gen, 8), _weights(gen, 20)
-    shifted, dora = _weights(gen, 16, shift=True), _weights(gen, 4, shift=True, dora=True)
+    plain8, plain20 = (lora_weights(gen, rank, size=(IN, OUT)) for rank in (8, 20))
+    shifted = lora_weights(gen, 16, shift=True, size=(IN, OUT))
+    dora = lora_weights(gen, 4, shift=True, dora=True, size=(IN, OUT))
     rows = [plain8, None, plain20, shifted, plain8, dora, None, plain20]
     return [None if w is None else w.to(DEVICE, dtype) for w in rows]
 
