@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,6 +25,7 @@ from server.api import adapters, generate, health, lorax, openai, tokenize
 from server.api.error_shapes import error_response
 from server.api.generation import Generation
 from server.config import Settings
+from server.engine import threads
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
 from server.http import BodyLimit
@@ -52,8 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    default = threads.serial()  # every thread but the engine's: one CPU thread each (engine/threads.py)
+    engine_threads = settings.threads or default
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="hotswap-worker", initializer=threads.one))  # asyncio.to_thread's
     base = load_base_model(settings.model, settings.device, settings.dtype, settings.onednn_linear)
     metrics = Metrics(per_adapter_limit=settings.metrics_per_adapter_limit)
     new_store = not settings.store.exists()
@@ -65,7 +68,7 @@ async def _lifespan(app: FastAPI):
     for name, folder in _adapter_flags(settings.adapter):
         await asyncio.to_thread(registry.import_folder, name, folder, source=f"flag:{folder}", replace=True,
                                 skip_unchanged=True)
-    engine = Engine(base, _engine_settings(settings), metrics, release=_releaser(registry))
+    engine = Engine(base, _engine_settings(settings, engine_threads), metrics, release=_releaser(registry))
     engine.start()
     registry.on_engine = engine.call  # base weight reads and device placement: between engine steps
     app.state.base, app.state.metrics, app.state.registry, app.state.engine = base, metrics, registry, engine
@@ -103,7 +106,7 @@ def _import_examples(registry: Registry) -> None:
             log.info("example %s is already registered", folder.name)
 
 
-def _engine_settings(s: Settings) -> EngineSettings:
+def _engine_settings(s: Settings, threads: int) -> EngineSettings:
     return EngineSettings(
         max_batch_size=s.max_batch_size,
         max_batch_tokens=s.max_batch_tokens,
@@ -114,6 +117,7 @@ def _engine_settings(s: Settings) -> EngineSettings:
         prompt_cache=s.prompt_cache,
         prefill_chunk_tokens=s.prefill_chunk_tokens,
         kv_block_tokens=s.kv_block_tokens,
+        threads=threads,
     )
 
 

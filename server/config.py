@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     onednn_linear: bool = Field(True, description="CPU fp32: run linear layers through oneDNN (faster than MKL)")
-    threads: int = Field(0, description="torch CPU threads (0: torch's default)")
+    threads: int = Field(0, description="torch CPU threads of the engine thread; every other thread runs on one (0: torch's default)")
     adapter: list[str] = Field(default_factory=list, description="NAME=DIR adapter to register at start (repeatable)")
     examples: bool = Field(True, description="embedded model: register the example adapters when the store is new")
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")

@@ -47,9 +47,6 @@ from server import kernels
 
 log = logging.getLogger(__name__)
 
-ONE_THREAD_MAX_TOKENS = 64  # CPU stacked deltas over at most this many tokens run on one thread (see apply)
-ONE_THREAD_MAX_WEIGHTS = 512 * 1024  # ... and over at most this many A+B elements (2 MiB in fp32)
-
 
 @dataclass(frozen=True)
 class LoraWeights:
@@ -95,28 +92,8 @@ class ModuleDelta:
 
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
-        each row's delta applies (None: everywhere).
-
-        Few tokens and small weights on the CPU (decode of a few adapters): one thread. At these
-        sizes OpenMP's fan-out costs more than the products; measured in the engine thread on the
-        75M bench model, 8 rows of 8 adapters: LoRA time per decode step 11 ms with 2 threads, 6 ms
-        with 1; 8 rows of 8 two-LoRA combinations (rank 32: 393k elements at q and o), 6.9-7.1 ms with
-        2 and 4.6-5.1 ms with 1. With many distinct adapters the stacked weights no longer sit in cache
-        and streaming them from memory is what costs: 32 rows of 32 adapters, 12-15 ms per step on one
-        thread (BENCHMARKS.md); both threads then.
-        """
-        small = self.A.numel() + self.B.numel() <= ONE_THREAD_MAX_WEIGHTS
+        each row's delta applies (None: everywhere)."""
         gate = gate if self.gated else None
-        if not (x.is_cpu and small and x.numel() // x.shape[-1] <= ONE_THREAD_MAX_TOKENS):
-            return self._apply(x, out, base_bias, gate)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._apply(x, out, base_bias, gate)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None) -> Tensor:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, L, in]
         out3 = out.view(out.shape[0], -1, out.shape[-1])  # [N, L, out], shares out's storage
         xs = x3 if self.rows is None else x3.index_select(0, self.rows)  # [M, L, in]

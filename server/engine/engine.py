@@ -46,6 +46,7 @@ from server.engine.request import (
     TokenEvent,
 )
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
+from server.engine import threads
 from server.engine.scheduler import SHARED, Limits, Scheduler
 from server.errors import QueueFullError, ShuttingDownError
 from server.metrics import Metrics
@@ -66,6 +67,7 @@ class EngineSettings:
     prompt_cache: bool = True  # share full KV blocks of prompts between requests (engine/prompt_cache.py)
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
     kv_block_tokens: int = 16  # positions per KV-cache block
+    threads: int = 0  # CPU threads of the engine's ops, the other threads' default left at one; 0: as they are
 
 
 class Engine:
@@ -166,6 +168,8 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.settings.threads:
+            threads.claim(self.settings.threads)
         with torch.inference_mode():
             self.prefiller.warm_up()
             self.ready.set()
