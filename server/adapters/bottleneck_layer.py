@@ -1,20 +1,20 @@
 """Bottleneck adapters over a batch: the decoder's `ResidualHooks` for one batch composition.
 
-At each site (position, layer) the rows of the batch are split by *form*, the options that decide
-the computation (serial or parallel, the norms and residuals, the activation), and each form's rows
-are computed together, two ways:
+At each site (position, layer) the rows of the batch are computed one of two ways:
 
-    SlotSite   CPU, one token per row (decode): a slot table. Each distinct adapter of the form is
-               a slot (the addresses of its down and up weights and biases; nothing copied) and
-               server/kernels/slot_linear.cpp runs each row's down and up projections with its own
-               adapter's weights (BGMV); the activation, norms, scaling and residuals run over all
-               the form's rows at once, with each row's norm and scaling parameters. A row's result
-               is the same whatever else is in the batch.
+    SiteSlots  CPU, one token per row (decode): a slot table. Each distinct adapter at the site is a
+               slot (the addresses of its down and up weights and biases, and its form's flags:
+               serial or parallel, norms, residuals; nothing copied) and
+               server/kernels/bottleneck_site.cpp runs every row, base rows too, in two calls: the
+               row's input and down projection, then (after the activations, torch ops over all
+               rows) its up projection, scaling and residuals, each row with its own adapter's
+               weights (BGMV) and its form. A row's result is the same whatever else is in the batch.
     groups     anywhere else (prefill, CUDA, no compiler): one group per adapter, its rows gathered,
                its GEMMs, the result put back (`BottleneckAdapter.residual`).
 
-Base rows get exactly `x + h`. Measured on 8 decode rows of the 75M bench model (12 output sites,
-hidden 768, rf 16), in BENCHMARKS.md: per step, 8 distinct adapters cost 4.7 ms by groups.
+Base rows get exactly `x + h`. Measured on 8 decode rows of the 75M bench model, in BENCHMARKS.md:
+per step, 8 distinct adapters cost 4.7 ms by groups (12 output sites); by slot, all 24 sites of
+`bn-0..7` cost 1.5 ms.
 """
 from __future__ import annotations
 
@@ -22,21 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from server import kernels
-from server.adapters.bottleneck import LN_EPS, BottleneckAdapter, BottleneckSpec, Site, combine
+from server.adapters.bottleneck import BottleneckAdapter, Site
 from server.residual import PLAIN, ResidualHooks
 
-FORM_FIELDS = ("non_linearity", "original_ln_before", "original_ln_after", "residual_before_ln",
-               "adapter_residual_before_ln", "ln_before", "ln_after", "is_parallel")
 NORMS = ("norm_before", "norm_after")
-
-
-def form(spec: BottleneckSpec) -> tuple:
-    """The options of a spec that decide what its rows compute, besides their weights."""
-    return tuple(getattr(spec, name) for name in FORM_FIELDS)
+FLAGS = {"is_parallel": 1, "original_ln_before": 2, "original_ln_after": 4, "residual_before_ln": 8,
+         "adapter_residual_before_ln": 16, "ln_before": 32, "ln_after": 64}  # bottleneck_site.cpp's kParallel ...
 
 
 @dataclass(frozen=True)
@@ -63,80 +57,96 @@ class _Rows:
 
 
 @dataclass(frozen=True)
-class SlotSite:
-    """One form's rows at one site, by slot (see the module docstring)."""
+class SiteSlots:
+    """Every row at one site, by slot (see the module docstring)."""
 
-    spec: BottleneckSpec  # of the form (any of its adapters': they agree on every form field)
-    act: Callable[[Tensor], Tensor]  # the form's activation
-    slot_of_row: Tensor  # [M] long: each of the form's rows -> its adapter's slot
-    down: Tensor  # [S, 6] long per slot: addresses of down.weight [b, H] and down.bias, b, H, strides
-    up: Tensor  # [S, 6] long per slot: addresses of up.weight [H, b] (column-major) and up.bias, H, b, strides
+    slot_of_row: Tensor  # [N] long: each row -> its adapter's slot, -1 where it has none here
+    table: Tensor  # [S, 6] long per slot: down.weight, down.bias, up.weight (column-major), up.bias, b, flags
     width: int  # the largest b
-    scale: Tensor | None  # [M, H] or [M, 1]: each row's scaling; None where every row's is 1
-    norms: dict[str, tuple[Tensor, Tensor]]  # name -> each row's weight and bias, [M, 1, H] each
-    keep: tuple[BottleneckAdapter, ...]  # the adapters whose tensors the tables point at
+    acts: tuple[tuple[Callable[[Tensor], Tensor], Tensor | None], ...]  # each activation, its rows (None: all)
+    scale: Tensor  # [N, 1] or [N, H]: each row's scaling; empty where every row's is 1
+    norms: dict[str, Tensor]  # "norm_before"/"norm_after" -> each row's weight and bias [N, 2, H]; empty: none
+    keep: tuple[BottleneckAdapter, ...]  # the adapters whose tensors the table points at
 
     def residual(self, h: Tensor, x: Tensor) -> Tensor:
-        """h, x: [M, 1, H] (the form's rows) -> [M, 1, H]."""
-        return combine(self.spec, h, x, self._bottleneck, self._norm)
+        """h, x: [N, 1, H] -> what replaces x + h: [N, 1, H]; rows with no adapter here get x + h."""
+        n, hidden = h.shape[0], h.shape[-1]
+        h2, x2 = h.reshape(n, hidden).contiguous(), x.reshape(n, hidden).contiguous()  # [N, H]
+        down = h2.new_zeros(n, self.width)  # [N, b]: past a row's own b, zeros that its up never reads
+        kernels.cpu().bottleneck_in(h2, x2, down, self.slot_of_row, self.table, self.norms["norm_before"])
+        out = torch.empty_like(h2)  # [N, H]
+        kernels.cpu().bottleneck_out(h2, x2, self._activated(down), out, self.slot_of_row, self.table, self.scale,
+                                     self.norms["norm_after"])
+        return out[:, None]
 
-    def _bottleneck(self, v: Tensor) -> Tensor:
-        """v: [M, 1, H] -> s * up(act(down(LN_before(v)))): [M, 1, H]."""
-        if self.spec.ln_before:
-            v = self._norm("norm_before", v)
-        rows, hidden = v.shape[0], v.shape[-1]
-        down = v.new_zeros(rows, self.width)  # [M, b]: past a row's own b, zeros that its up never reads
-        kernels.cpu().slot_linear(v.reshape(rows, hidden).contiguous(), down, self.slot_of_row, self.down)
-        up = v.new_empty(rows, hidden)  # [M, H]
-        kernels.cpu().slot_linear(self.act(down).contiguous(), up, self.slot_of_row, self.up)
-        return (up if self.scale is None else up * self.scale)[:, None]
-
-    def _norm(self, name: str, v: Tensor) -> Tensor:
-        weight, bias = self.norms[name]
-        return torch.addcmul(bias, F.layer_norm(v, v.shape[-1:], eps=LN_EPS), weight)
+    def _activated(self, down: Tensor) -> Tensor:
+        """down: [N, b] -> each row's activation of it, [N, b] contiguous."""
+        if len(self.acts) == 1:
+            return self.acts[0][0](down).contiguous()
+        out = down.clone()
+        for act, rows in self.acts:
+            out.index_copy_(0, rows, act(down.index_select(0, rows)))
+        return out
 
     @staticmethod
     def usable(adapters: list[BottleneckAdapter], site: Site) -> bool:
-        """The kernel built, and every tensor it reads on the CPU, in one dtype, contiguous (a weight
-        row- or column-major)."""
-        tensors = [t for a in adapters for t in a.sites[site].values()]
-        return kernels.cpu() is not None and all(
-            t.is_cpu and (t.is_contiguous() or t.mT.is_contiguous()) and t.dtype == tensors[0].dtype for t in tensors)
+        """The kernels built, and every tensor they read on the CPU, in one dtype: the weights as
+        the CPU serves them (down row-major, up column-major), the vectors contiguous."""
+        params = [a.sites[site] for a in adapters]
+        tensors = [t for p in params for t in p.values()]
+        layouts = all(p["down.weight"].is_contiguous() and p["up.weight"].mT.is_contiguous() for p in params)
+        return kernels.cpu() is not None and layouts and all(
+            t.is_cpu and t.dtype == tensors[0].dtype and (t.dim() == 2 or t.is_contiguous()) for t in tensors)
 
     @staticmethod
-    def build(site: Site, per_row: list[BottleneckAdapter]) -> SlotSite:
-        """per_row: the adapter of each of the form's rows at this site."""
+    def build(site: Site, rows: list[BottleneckAdapter | None]) -> SiteSlots:
+        """rows: each batch row's adapter, None where it has none at this site."""
         slot_of: dict[int, int] = {}
         distinct: list[BottleneckAdapter] = []
-        for a in per_row:
-            if id(a) not in slot_of:
+        for a in rows:
+            if a is not None and id(a) not in slot_of:
                 slot_of[id(a)] = len(distinct)
                 distinct.append(a)
-        params = [a.sites[site] for a in distinct]
-        first = params[0]["down.weight"]
-        down = [_entry(p["down.weight"], p["down.bias"]) for p in params]
-        up = [_entry(p["up.weight"], p["up.bias"]) for p in params]
-        rows = [a.sites[site] for a in per_row]
-        norms = {name: tuple(torch.stack([p[f"{name}.{part}"] for p in rows])[:, None] for part in ("weight", "bias"))
-                 for name in NORMS if f"{name}.weight" in rows[0]}
-        spec = distinct[0].spec
-        return SlotSite(spec, distinct[0].act, torch.tensor([slot_of[id(a)] for a in per_row]),
-                        torch.tensor(down, dtype=torch.long), torch.tensor(up, dtype=torch.long),
-                        max(e[2] for e in down), _scales(site, per_row, first), norms, tuple(distinct))
+        table = [_entry(a, site) for a in distinct]
+        like = distinct[0].sites[site]["down.weight"]
+        acts: dict[str, list[int]] = {}
+        for i, a in enumerate(rows):
+            if a is not None:
+                acts.setdefault(a.spec.non_linearity, []).append(i)
+        by_act = {a.spec.non_linearity: a.act for a in distinct}
+        return SiteSlots(torch.tensor([-1 if a is None else slot_of[id(a)] for a in rows]),
+                         torch.tensor(table, dtype=torch.long), max(e[4] for e in table),
+                         tuple((by_act[name], None if len(acts) == 1 else torch.tensor(idx))
+                               for name, idx in acts.items()),
+                         _scales(site, rows, like), {name: _norms(site, rows, name, like) for name in NORMS},
+                         tuple(distinct))
 
 
-def _entry(weight: Tensor, bias: Tensor) -> list[int]:
-    return [weight.data_ptr(), bias.data_ptr(), *weight.shape, *weight.stride()]
+def _entry(adapter: BottleneckAdapter, site: Site) -> list[int]:
+    p = adapter.sites[site]
+    flags = sum(bit for name, bit in FLAGS.items() if getattr(adapter.spec, name))
+    return [p["down.weight"].data_ptr(), p["down.bias"].data_ptr(), p["up.weight"].data_ptr(), p["up.bias"].data_ptr(),
+            p["down.weight"].shape[0], flags]
 
 
-def _scales(site: Site, per_row: list[BottleneckAdapter], like: Tensor) -> Tensor | None:
-    """Each row's scaling as [M, 1] (floats, [1] tensors) or [M, H] (a "channel" one); None if all 1."""
-    scales = [a.scaling(site) for a in per_row]
+def _scales(site: Site, rows: list[BottleneckAdapter | None], like: Tensor) -> Tensor:
+    """Each row's scaling as [N, 1] (floats, [1] tensors) or [N, H] (a "channel" one); empty if all 1."""
+    scales = [1.0 if a is None else a.scaling(site) for a in rows]
     if all(isinstance(s, float) and s == 1.0 for s in scales):
-        return None
-    rows = [s.to(like.dtype) if isinstance(s, Tensor) else torch.tensor([s], dtype=like.dtype) for s in scales]
-    width = max(r.numel() for r in rows)
-    return torch.stack([r.expand(width) for r in rows])  # [M, 1] or [M, H]
+        return like.new_empty(0)
+    per_row = [s.to(like.dtype) if isinstance(s, Tensor) else torch.tensor([s], dtype=like.dtype) for s in scales]
+    width = max(r.numel() for r in per_row)
+    return torch.stack([r.expand(width) for r in per_row]).contiguous()  # [N, 1] or [N, H]
+
+
+def _norms(site: Site, rows: list[BottleneckAdapter | None], name: str, like: Tensor) -> Tensor:
+    """Each row's LayerNorm `name` as [N, 2, H] (weight, bias; zeros where a row has none); empty if no row has it."""
+    params = [None if a is None else a.sites[site] for a in rows]
+    if not any(p is not None and f"{name}.weight" in p for p in params):
+        return like.new_empty(0)
+    zeros = like.new_zeros(2, like.shape[1])
+    return torch.stack([torch.stack([p[f"{name}.weight"], p[f"{name}.bias"]])
+                        if p is not None and f"{name}.weight" in p else zeros for p in params])
 
 
 @dataclass(frozen=True)
@@ -151,15 +161,15 @@ class GroupSite:
         return self.adapter.residual(self.site, h, x)
 
 
-Parts = tuple[tuple[_Rows, GroupSite | SlotSite], ...]  # rows, and what computes them
+Groups = tuple[tuple[_Rows, GroupSite], ...]  # each adapter's rows, and its GEMMs
 
 
 @dataclass(frozen=True)
 class _SitePlan:
-    """Who computes what at one site: each adapter's rows (groups), and each form's rows by slot."""
+    """Who computes what at one site: each adapter's rows (groups), and every row by slot."""
 
-    groups: Parts
-    slots: Parts | None  # None: some form cannot run by slot here
+    groups: Groups
+    slots: SiteSlots | None  # None: the kernels cannot read some adapter's tensors here
     dtype: torch.dtype  # of the adapters' tensors
 
 
@@ -194,12 +204,13 @@ class BottleneckHooks:
         plan = self._plan.get(site)
         if plan is None:
             return x + h
-        by_slot = plan.slots is not None and h.shape[1] == 1 and h.dtype == plan.dtype
-        parts = plan.slots if by_slot else plan.groups
-        if len(parts) == 1 and parts[0][0].span == slice(0, self._n_rows):
-            return parts[0][1].residual(h, x)
+        if plan.slots is not None and h.shape[1] == 1 and h.dtype == plan.dtype:
+            return plan.slots.residual(h, x)
+        groups = plan.groups
+        if len(groups) == 1 and groups[0][0].span == slice(0, self._n_rows):
+            return groups[0][1].residual(h, x)
         out = x + h  # [N, L, H]
-        for rows, part in parts:
+        for rows, part in groups:
             rows.put(out, part.residual(rows.take(h), rows.take(x)))
         return out
 
@@ -208,14 +219,13 @@ def _site_plan(site: Site, rows: list[BottleneckAdapter | None], idx: list[int])
     """idx: the rows with an adapter at this site."""
     device = rows[idx[0]].device
     members: dict[int, list[int]] = {}
-    forms: dict[tuple, list[int]] = {}
     for i in idx:
         members.setdefault(id(rows[i]), []).append(i)
-        forms.setdefault(form(rows[i].spec), []).append(i)
     groups = tuple((_Rows.of(m, device), GroupSite(rows[m[0]], site)) for m in members.values())
     adapters = [rows[i] for i in idx]
     dtype = adapters[0].sites[site]["down.weight"].dtype
-    if not SlotSite.usable(adapters, site):
+    if not SiteSlots.usable(adapters, site):
         return _SitePlan(groups, None, dtype)
-    slots = tuple((_Rows.of(f, device), SlotSite.build(site, [rows[i] for i in f])) for f in forms.values())
-    return _SitePlan(groups, slots, dtype)
+    here = set(idx)
+    at_site = [a if i in here else None for i, a in enumerate(rows)]
+    return _SitePlan(groups, SiteSlots.build(site, at_site), dtype)

@@ -3,7 +3,8 @@ compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `
 
 - paged_attention.cpp: decode attention straight from the paged KV cache (engine/paged_attention.py);
 - lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
-- slot_linear.cpp: a linear map of a batch, each row by its slot (adapters/bottleneck_layer.py);
+- bottleneck_site.cpp: bottleneck adapters at one site of a decode step, each row by its slot and
+  form (adapters/bottleneck_layer.py);
 - attention_triton.py: the CUDA counterpart of paged_attention.cpp, checked once per geometry on
   first use (engine/paged_attention.py; where it fails, one warning and the gather path);
 - lora_triton.py: lora_delta.cpp's counterpart on CUDA, each token by its slot, decode and prefill

@@ -5,10 +5,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor pool_k, torch::Tensor 
                            torch::Tensor lengths, double scale, int64_t window, double softcap);
 void lora_delta(torch::Tensor x, torch::Tensor out, torch::Tensor slot_of_token, torch::Tensor table,
                 torch::Tensor scales, torch::Tensor bias);
-void slot_linear(torch::Tensor x, torch::Tensor out, torch::Tensor slot_of_token, torch::Tensor table);
+void bottleneck_in(torch::Tensor h, torch::Tensor x, torch::Tensor d, torch::Tensor slot_of_row, torch::Tensor table,
+                   torch::Tensor norm_before);
+void bottleneck_out(torch::Tensor h, torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Tensor slot_of_row,
+                    torch::Tensor table, torch::Tensor scale, torch::Tensor norm_after);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (one query per row)");
   m.def("lora_delta", &lora_delta, "each token's unmerged LoRA delta by its slot, added to out in place");
-  m.def("slot_linear", &slot_linear, "each token's linear map (weight, bias) by its slot, written to out");
+  m.def("bottleneck_in", &bottleneck_in, "each row's bottleneck down projection at a site, by its slot and form");
+  m.def("bottleneck_out", &bottleneck_out, "each row's bottleneck up projection and residuals at a site, into out");
 }

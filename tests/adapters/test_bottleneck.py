@@ -415,21 +415,26 @@ def option_adapters(tmp_path: Path, llama: BaseModel) -> list[BottleneckAdapter]
 
 
 class CountingKernels:
-    """The CPU kernels, counting slot_linear calls."""
+    """The CPU kernels, counting the bottleneck sites they ran."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.built = kernels.cpu()
 
-    def slot_linear(self, *args) -> None:
+    def bottleneck_in(self, *args) -> None:
         self.calls += 1
-        self.built.slot_linear(*args)
+        self.built.bottleneck_in(*args)
+
+    def bottleneck_out(self, *args) -> None:
+        self.built.bottleneck_out(*args)
 
 
 @needs_kernel
-def test_decode_by_slot_matches_each_adapter_alone(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", [[0, None, 1, 4, 2, 3, None, 0, 1], [4, None, 0, 0]],
+                         ids=["every form", "one form and activation"])
+def test_decode_by_slot_matches_each_adapter_alone(llama, tmp_path, monkeypatch, batch):
     adapters = option_adapters(tmp_path, llama)
-    rows = [adapters[0], None, adapters[1], adapters[4], adapters[2], adapters[3], None, adapters[0], adapters[1]]
+    rows = [None if i is None else adapters[i] for i in batch]
     g = torch.Generator().manual_seed(0)
     h, x = (torch.randn(len(rows), 1, 256, generator=g) for _ in range(2))
     counting = CountingKernels()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters import lora_layer
 from server.adapters.bottleneck import BottleneckAdapter
-from server.adapters.bottleneck_layer import SlotSite
+from server.adapters.bottleneck_layer import SiteSlots
 from server.engine import sampling
 from server.engine.engine import Engine
 from tests.conftest import FIXTURES, LLAMA, live_server, references
@@ -121,7 +121,7 @@ def poisoned(monkeypatch, srv):
         with srv.client() as c:
             assert c.post("/adapters/poison-bn/pin").status_code == 200  # resident: its weights object exists
         weights = srv.app.state.registry.get("poison-bn").adapter.weights
-        by_group, by_slot = BottleneckAdapter.residual, SlotSite.residual  # prefill; decode on the CPU
+        by_group, by_slot = BottleneckAdapter.residual, SiteSlots.residual  # prefill; decode on the CPU
 
         def group_residual(self, site, h, x):
             if self is weights and (h.shape[1] == 1) == (stage == "decode"):
@@ -134,7 +134,7 @@ def poisoned(monkeypatch, srv):
             return by_slot(self, h, x)
 
         monkeypatch.setattr(BottleneckAdapter, "residual", group_residual)
-        monkeypatch.setattr(SlotSite, "residual", slot_residual)
+        monkeypatch.setattr(SiteSlots, "residual", slot_residual)
     return arm
 
 
