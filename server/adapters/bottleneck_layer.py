@@ -1,6 +1,6 @@
 """Bottleneck adapters over a batch: the decoder's `ResidualHooks` for one batch composition.
 
-At each site (position, layer) the rows of the batch are computed one of two ways:
+At each site (position, layer) the rows of the batch are computed one of three ways:
 
     SiteSlots  CPU, one token per row (decode): a slot table. Each distinct adapter at the site is a
                slot (the addresses of its down and up weights and biases, and its form's flags:
@@ -9,8 +9,13 @@ At each site (position, layer) the rows of the batch are computed one of two way
                row's input and down projection, then (after the activations, torch ops over all
                rows) its up projection, scaling and residuals, each row with its own adapter's
                weights (BGMV) and its form. A row's result is the same whatever else is in the batch.
-    groups     anywhere else (prefill, CUDA, no compiler): one group per adapter, its rows gathered,
-               its GEMMs, the result put back (`BottleneckAdapter.residual`).
+    forms      CUDA with Triton, any tokens per row: the rows split by *form* (the options that decide
+               the computation besides the weights), each form's down and up projections by slot
+               (server/kernels/bottleneck_triton.py: each token its own adapter's weights where they
+               lie), its norms, activation, scaling and residuals as torch ops over the form's rows
+               with each row's parameters. Taken once the kernel has matched F.linear on the device.
+    groups     anywhere else (CPU prefill, no compiler or no Triton): one group per adapter, its rows
+               gathered, its GEMMs, the result put back (`BottleneckAdapter.residual`).
 
 Base rows get exactly `x + h`. Measured on 8 decode rows of the 75M bench model, in BENCHMARKS.md:
 per step, 8 distinct adapters cost 4.7 ms by groups (12 output sites); by slot, all 24 sites of
@@ -18,19 +23,26 @@ per step, 8 distinct adapters cost 4.7 ms by groups (12 output sites); by slot, 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from server import kernels
-from server.adapters.bottleneck import BottleneckAdapter, Site
+from server.adapters.bottleneck import LN_EPS, BottleneckAdapter, BottleneckSpec, Site, combine
+from server.adapters.lora_delta import CHECK_TOLERANCE
 from server.residual import PLAIN, ResidualHooks
+
+log = logging.getLogger(__name__)
 
 NORMS = ("norm_before", "norm_after")
 FLAGS = {"is_parallel": 1, "original_ln_before": 2, "original_ln_after": 4, "residual_before_ln": 8,
          "adapter_residual_before_ln": 16, "ln_before": 32, "ln_after": 64}  # bottleneck_site.cpp's kParallel ...
+FORM_FIELDS = ("non_linearity", *FLAGS)  # the options that decide what a row computes, besides its weights
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,8 @@ def _scales(site: Site, rows: list[BottleneckAdapter | None], like: Tensor) -> T
     scales = [1.0 if a is None else a.scaling(site) for a in rows]
     if all(isinstance(s, float) and s == 1.0 for s in scales):
         return like.new_empty(0)
-    per_row = [s.to(like.dtype) if isinstance(s, Tensor) else torch.tensor([s], dtype=like.dtype) for s in scales]
+    per_row = [s.to(like.dtype) if isinstance(s, Tensor) else torch.tensor([s], dtype=like.dtype, device=like.device)
+               for s in scales]
     width = max(r.numel() for r in per_row)
     return torch.stack([r.expand(width) for r in per_row]).contiguous()  # [N, 1] or [N, H]
 
@@ -150,6 +163,121 @@ def _norms(site: Site, rows: list[BottleneckAdapter | None], name: str, like: Te
 
 
 @dataclass(frozen=True)
+class FormSite:
+    """One form's rows at one site on CUDA, any tokens per row (see the module docstring)."""
+
+    spec: BottleneckSpec  # of the form (any of its adapters': they agree on every form field)
+    act: Callable[[Tensor], Tensor]  # the form's activation
+    slot_of_row: Tensor  # [M] int32: each of the form's rows -> its adapter's slot
+    down: Tensor  # [S, 6] long per slot: addresses of down.weight [b, H] and down.bias, b, H, strides
+    up: Tensor  # [S, 6] long per slot: addresses of up.weight [H, b] and up.bias, H, b, strides
+    width: int  # the largest b
+    scale: Tensor | None  # [M, 1, 1] or [M, 1, H]: each row's scaling; None where every row's is 1
+    norms: dict[str, Tensor]  # "norm_before"/"norm_after" -> each row's weight and bias [M, 2, H]; empty: none
+    keep: tuple[BottleneckAdapter, ...]  # the adapters whose tensors the tables point at
+
+    def residual(self, h: Tensor, x: Tensor) -> Tensor:
+        """h, x: [M, L, H] (the form's rows) -> [M, L, H]."""
+        return combine(self.spec, h, x, self._bottleneck, self._norm)
+
+    def _bottleneck(self, v: Tensor) -> Tensor:
+        """v: [M, L, H] -> s * up(act(down(LN_before(v)))): [M, L, H]."""
+        from server.kernels.bottleneck_triton import slot_linear  # triton is imported only where it serves
+        if self.spec.ln_before:
+            v = self._norm("norm_before", v)
+        rows, tokens, hidden = v.shape
+        slots = self.slot_of_row.repeat_interleave(tokens)  # [M * L]: each token its row's slot
+        down = v.new_zeros(rows * tokens, self.width)  # [M * L, b]: past a row's own b, zeros its up never reads
+        slot_linear(v.reshape(rows * tokens, hidden).contiguous(), down, slots, self.down, tokens)
+        up = v.new_empty(rows * tokens, hidden)  # [M * L, H]
+        slot_linear(self.act(down).contiguous(), up, slots, self.up, tokens)
+        up = up.view(rows, tokens, hidden)
+        return up if self.scale is None else up * self.scale
+
+    def _norm(self, name: str, v: Tensor) -> Tensor:
+        """v: [M, L, H] -> each row's LayerNorm `name` of it."""
+        params = self.norms[name]  # [M, 2, H]
+        return torch.addcmul(params[:, 1:2], F.layer_norm(v, v.shape[-1:], eps=LN_EPS), params[:, 0:1])
+
+    @staticmethod
+    def usable(adapters: list[BottleneckAdapter], site: Site) -> bool:
+        """On CUDA with Triton, once the kernel checks out there; every tensor in one dtype, the
+        vectors contiguous (a weight may have any strides)."""
+        tensors = [t for a in adapters for t in a.sites[site].values()]
+        first = tensors[0]
+        return (kernels.on_triton(first) and first.dtype in CHECK_TOLERANCE
+                and all((t.dim() == 2 or t.is_contiguous()) and t.dtype == first.dtype and t.device == first.device
+                        for t in tensors)
+                and triton_serves(first.device, first.dtype))
+
+    @staticmethod
+    def build(site: Site, per_row: list[BottleneckAdapter]) -> FormSite:
+        """per_row: the adapter of each of the form's rows at this site."""
+        distinct = list({id(a): a for a in per_row}.values())
+        slot_of = {id(a): k for k, a in enumerate(distinct)}
+        like = distinct[0].sites[site]["down.weight"]
+        tables = [torch.tensor([_projection(a.sites[site], name) for a in distinct], dtype=torch.long,
+                               device=like.device) for name in ("down", "up")]
+        scale = _scales(site, per_row, like)
+        return FormSite(distinct[0].spec, distinct[0].act,
+                        torch.tensor([slot_of[id(a)] for a in per_row], dtype=torch.int32, device=like.device),
+                        *tables, max(a.sites[site]["down.weight"].shape[0] for a in distinct),
+                        scale[:, None] if scale.numel() else None,
+                        {name: n for name in NORMS if (n := _norms(site, per_row, name, like)).numel()},
+                        tuple(distinct))
+
+
+def _projection(params: dict[str, Tensor], name: str) -> list[int]:
+    """A slot's entry for bottleneck_triton.slot_linear: the addresses of `name`'s weight and bias, its
+    shape and strides."""
+    weight = params[f"{name}.weight"]
+    return [weight.data_ptr(), params[f"{name}.bias"].data_ptr(), *weight.shape, *weight.stride()]
+
+
+@cache
+def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton projection kernel compiles and equals F.linear on `device` in `dtype`, checked
+    once (decode and prefill tilings). Where not, one warning, and bottleneck rows run by groups."""
+    try:
+        error = max(_triton_error(device, dtype, tokens) for tokens in (1, 3))
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure: the groups serve
+        log.warning("Triton bottleneck kernel unavailable on %s in %s (%r); bottleneck rows run by groups",
+                    device, dtype, exc)
+        return False
+    if not error <= CHECK_TOLERANCE[dtype]:
+        log.warning("Triton bottleneck kernel differs from F.linear on %s in %s (relative error %.3g > %g); "
+                    "bottleneck rows run by groups", device, dtype, error, CHECK_TOLERANCE[dtype])
+        return False
+    return True
+
+
+def _triton_error(device: torch.device, dtype: torch.dtype, tokens: int) -> float:
+    """max |slot_linear − F.linear| / (1 + |F.linear|) over 3 rows (slots of 24 and 40 outputs of 70
+    inputs, one weight row-major, one column-major, a row with none: it must stay as it was); the
+    reference in float64 from the same values."""
+    from server.kernels.bottleneck_triton import slot_linear
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+    weights = [(rand(24, 70), rand(24)), (rand(70, 40).T, rand(40))]  # row- and column-major
+    table = torch.tensor([[w.data_ptr(), b.data_ptr(), *w.shape, *w.stride()] for w, b in weights], dtype=torch.long,
+                         device=device)
+    slots = torch.tensor([0, -1, 1], dtype=torch.int32, device=device).repeat_interleave(tokens)  # [3 * L]
+    x, out = rand(3 * tokens, 80), torch.zeros(3 * tokens, 48, dtype=dtype, device=device)
+    slot_linear(x, out, slots, table, tokens)
+    error = 0.0
+    for t, k in enumerate(slots.tolist()):
+        if k < 0:
+            error = max(error, out[t].abs().max().item())
+            continue
+        w, b = weights[k]
+        want = F.linear(x[t, :70].double(), w.double(), b.double())  # [n_out]
+        error = max(error, ((out[t, :len(want)].double() - want).abs() / (1 + want.abs())).max().item())
+    return error
+
+
+@dataclass(frozen=True)
 class GroupSite:
     """One adapter's rows at one site, by its own GEMMs."""
 
@@ -161,15 +289,17 @@ class GroupSite:
         return self.adapter.residual(self.site, h, x)
 
 
-Groups = tuple[tuple[_Rows, GroupSite], ...]  # each adapter's rows, and its GEMMs
+Parts = tuple[tuple[_Rows, GroupSite | FormSite], ...]  # rows, and what computes them
 
 
 @dataclass(frozen=True)
 class _SitePlan:
-    """Who computes what at one site: each adapter's rows (groups), and every row by slot."""
+    """Who computes what at one site: each adapter's rows (groups), every row by slot (CPU decode),
+    each form's rows (CUDA)."""
 
-    groups: Groups
-    slots: SiteSlots | None  # None: the kernels cannot read some adapter's tensors here
+    groups: Parts
+    slots: SiteSlots | None  # None: the CPU kernels cannot read some adapter's tensors here
+    forms: Parts | None  # None: the Triton kernel cannot
     dtype: torch.dtype  # of the adapters' tensors
 
 
@@ -206,11 +336,11 @@ class BottleneckHooks:
             return x + h
         if plan.slots is not None and h.shape[1] == 1 and h.dtype == plan.dtype:
             return plan.slots.residual(h, x)
-        groups = plan.groups
-        if len(groups) == 1 and groups[0][0].span == slice(0, self._n_rows):
-            return groups[0][1].residual(h, x)
+        parts = plan.forms if plan.forms is not None and h.dtype == plan.dtype else plan.groups
+        if len(parts) == 1 and parts[0][0].span == slice(0, self._n_rows):
+            return parts[0][1].residual(h, x)
         out = x + h  # [N, L, H]
-        for rows, part in groups:
+        for rows, part in parts:
             rows.put(out, part.residual(rows.take(h), rows.take(x)))
         return out
 
@@ -224,8 +354,16 @@ def _site_plan(site: Site, rows: list[BottleneckAdapter | None], idx: list[int])
     groups = tuple((_Rows.of(m, device), GroupSite(rows[m[0]], site)) for m in members.values())
     adapters = [rows[i] for i in idx]
     dtype = adapters[0].sites[site]["down.weight"].dtype
-    if not SiteSlots.usable(adapters, site):
-        return _SitePlan(groups, None, dtype)
     here = set(idx)
-    at_site = [a if i in here else None for i, a in enumerate(rows)]
-    return _SitePlan(groups, SiteSlots.build(site, at_site), dtype)
+    slots = SiteSlots.build(site, [a if i in here else None for i, a in enumerate(rows)]) \
+        if SiteSlots.usable(adapters, site) else None
+    return _SitePlan(groups, slots, _forms(site, rows, idx) if FormSite.usable(adapters, site) else None, dtype)
+
+
+def _forms(site: Site, rows: list[BottleneckAdapter | None], idx: list[int]) -> Parts:
+    """Each form's rows among `idx` (the rows with an adapter at this site), and its FormSite."""
+    by_form: dict[tuple, list[int]] = {}
+    for i in idx:
+        by_form.setdefault(tuple(getattr(rows[i].spec, name) for name in FORM_FIELDS), []).append(i)
+    device = rows[idx[0]].device
+    return tuple((_Rows.of(m, device), FormSite.build(site, [rows[i] for i in m])) for m in by_form.values())

@@ -9,7 +9,10 @@ compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `
   first use (engine/paged_attention.py; where it fails, one warning and the gather path);
 - lora_triton.py: lora_delta.cpp's counterpart on CUDA, each token by its slot, decode and prefill
   (adapters/lora_delta.py, which takes it once it has matched the stacked path on a small problem
-  on the device).
+  on the device);
+- bottleneck_triton.py: bottleneck adapters' down and up projections on CUDA, each token by its
+  slot, decode and prefill (adapters/bottleneck_layer.py, once it has matched F.linear on the
+  device).
 
 The C++ sources are built on first use (about a minute, then cached by torch under
 ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR, named by the sources' hash: a changed source

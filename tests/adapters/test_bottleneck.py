@@ -439,6 +439,13 @@ def test_decode_by_slot_matches_each_adapter_alone(llama, tmp_path, monkeypatch,
     h, x = (torch.randn(len(rows), 1, 256, generator=g) for _ in range(2))
     counting = CountingKernels()
     monkeypatch.setattr(bottleneck_layer.kernels, "cpu", lambda: counting)
+    assert_each_row_is_its_adapters(rows, h, x)
+    assert counting.calls > 0
+
+
+def assert_each_row_is_its_adapters(rows: list[BottleneckAdapter | None], h: torch.Tensor, x: torch.Tensor) -> None:
+    """At every site, the batch's hooks give each row what its adapter's own GEMMs give it alone, and
+    rows without an adapter there exactly `x + h`. h, x: [N, L, 256]."""
     hooks = BottleneckHooks.build(rows)
     for layer in range(4):
         for join, site in ((hooks.after_attention, ("attention", layer)), (hooks.after_ffn, ("output", layer))):
@@ -449,7 +456,6 @@ def test_decode_by_slot_matches_each_adapter_alone(llama, tmp_path, monkeypatch,
                 else:
                     expected = adapter.residual(site, h[i:i + 1], x[i:i + 1])[0]
                     assert torch.allclose(out[i], expected, atol=1e-5, rtol=1e-5), (i, site)
-    assert counting.calls > 0
 
 
 @needs_kernel
