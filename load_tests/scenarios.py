@@ -29,7 +29,7 @@ DEFAULT_SCENARIOS = (
     "base", "lora-mixed", "lora-pairs", "lora-merged", "lora-unmerged", "prompt",
     "bottleneck", "all-kinds", "lora-32x8", "ramp",
 )
-ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-32", "lora-32x32", "bottleneck-mixed")
+ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-1", "lora-1", "base-32", "lora-32x32", "bottleneck-mixed")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ def _plans() -> dict[str, Plan]:
             (PROMPT_ADAPTER, None), (SEQ_BN_ADAPTER, None), (DOUBLE_SEQ_BN_ADAPTER, None), (None, None),
         ],
         "lora-32x8": [_lora(i, UNMERGED) for i in range(32)],
+        "base-1": [(None, None)],  # one stream: decode at one row
+        "lora-1": [_lora(0, UNMERGED)],
         "base-32": [(None, None)] * 32,
         "lora-32x32": [(lora_name(i), UNMERGED) for i in range(32)],  # 32 distinct: needs --churn files
         "churn": [(name, UNMERGED) for name in lora_names(CHURN_LORAS)],

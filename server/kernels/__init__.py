@@ -5,6 +5,8 @@ compiler (`cpu()`); on CUDA this folder's Triton kernels (`*_triton.py`, where `
 - lora_delta.cpp: unmerged LoRA deltas of a batch, each row by its slot (adapters/lora_delta.py);
 - bottleneck_site.cpp: bottleneck adapters at one site of a decode step, each row by its slot and
   form (adapters/bottleneck_layer.py);
+- small_linear.cpp: a float32 linear layer over 1-4 rows (server/linear.py, decode at low
+  concurrency);
 - attention_triton.py: the CUDA counterpart of paged_attention.cpp, checked once per geometry on
   first use (engine/paged_attention.py; where it fails, one warning and the gather path);
 - lora_triton.py: lora_delta.cpp's counterpart on CUDA, each token by its slot, decode and prefill
