@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from server import kernels
 
 SMALL_ROWS = 4  # up to this many rows, small_linear.cpp
-NO_BIAS = torch.empty(0)  # what small_linear takes for a layer without bias
 
 
 class OneDnnLinear(nn.Linear):
@@ -28,7 +27,7 @@ class OneDnnLinear(nn.Linear):
         rows = x.numel() // x.shape[-1]
         if 0 < rows <= SMALL_ROWS and self.weight.is_contiguous() and (built := kernels.cpu()) is not None:
             flat = x.reshape(rows, x.shape[-1]).contiguous()  # [M, K]
-            bias = NO_BIAS if self.bias is None else self.bias
+            bias = kernels.NONE if self.bias is None else self.bias
             return built.small_linear(flat, self.weight, bias).view(*x.shape[:-1], self.out_features)  # [..., N]
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 

@@ -194,7 +194,7 @@ class SlotDelta(_SlotTable):
         slots = self.slot_of_row  # [N]
         if self.gated and gate is not None:  # aLoRA rows before their invocation: no slot this step
             slots = torch.where(gate.reshape(-1), slots, -1)
-        bias = base_bias if self.dora and base_bias is not None else out.new_empty(0)  # [out] or none
+        bias = base_bias if self.dora and base_bias is not None else kernels.NONE  # [out] or none
         kernels.cpu().lora_delta(x3[:, 0].contiguous(), out.view(out.shape[0], -1), slots, self.table, self.scales,
                                  bias)  # x [N, in], out [N, out]
         return out

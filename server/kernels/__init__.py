@@ -36,6 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+NONE = torch.empty(0)  # what the CPU kernels take for an optional tensor that is absent (a bias)
 SOURCES = sorted(str(p) for p in Path(__file__).parent.glob("*.cpp"))
 # named by the sources' hash: checkouts of other versions on one machine keep their own builds
 NAME = "hotswap_kernels_" + hashlib.sha256(b"".join(Path(s).read_bytes() for s in SOURCES)).hexdigest()[:12]
