@@ -76,7 +76,7 @@ class SiteSlots:
     table: Tensor  # [S, 6] long per slot: down.weight, down.bias, up.weight (column-major), up.bias, b, flags
     width: int  # the largest b
     acts: tuple[tuple[Callable[[Tensor], Tensor], Tensor | None], ...]  # each activation, its rows (None: all)
-    scale: Tensor  # [N, 1] or [N, H]: each row's scaling; empty where every row's is 1
+    scale: Tensor  # [N, 1] or [N, H] float32: each row's scaling; empty where every row's is 1
     norms: dict[str, Tensor]  # "norm_before"/"norm_after" -> each row's weight and bias [N, 2, H]; empty: none
     keep: tuple[BottleneckAdapter, ...]  # the adapters whose tensors the table points at
 
@@ -142,11 +142,12 @@ def _entry(adapter: BottleneckAdapter, site: Site) -> list[int]:
 
 
 def _scales(site: Site, rows: list[BottleneckAdapter | None], like: Tensor) -> Tensor:
-    """Each row's scaling as [N, 1] (floats, [1] tensors) or [N, H] (a "channel" one); empty if all 1."""
+    """Each row's scaling as [N, 1] (floats, [1] tensors) or [N, H] (a "channel" one), float32 (the
+    product rounds once, as torch's with a Python float or a tensor of the dtype); empty if all 1."""
     scales = [1.0 if a is None else a.scaling(site) for a in rows]
     if all(isinstance(s, float) and s == 1.0 for s in scales):
         return like.new_empty(0)
-    per_row = [s.to(like.dtype) if isinstance(s, Tensor) else torch.tensor([s], dtype=like.dtype, device=like.device)
+    per_row = [s.float() if isinstance(s, Tensor) else torch.tensor([s], dtype=torch.float32, device=like.device)
                for s in scales]
     width = max(r.numel() for r in per_row)
     return torch.stack([r.expand(width) for r in per_row]).contiguous()  # [N, 1] or [N, H]
@@ -172,8 +173,8 @@ class FormSite:
     down: Tensor  # [S, 6] long per slot: addresses of down.weight [b, H] and down.bias, b, H, strides
     up: Tensor  # [S, 6] long per slot: addresses of up.weight [H, b] and up.bias, H, b, strides
     width: int  # the largest b
-    scale: Tensor | None  # [M, 1, 1] or [M, 1, H]: each row's scaling; None where every row's is 1
-    norms: dict[str, Tensor]  # "norm_before"/"norm_after" -> each row's weight and bias [M, 2, H]; empty: none
+    scale: Tensor | None  # [M, 1, 1] or [M, 1, H] float32: each row's scaling; None where every row's is 1
+    norms: dict[str, Tensor]  # "norm_before"/"norm_after" -> each row's weight and bias [M, 2, H] float32
     keep: tuple[BottleneckAdapter, ...]  # the adapters whose tensors the tables point at
 
     def residual(self, h: Tensor, x: Tensor) -> Tensor:
@@ -192,12 +193,13 @@ class FormSite:
         up = v.new_empty(rows * tokens, hidden)  # [M * L, H]
         slot_linear(self.act(down).contiguous(), up, slots, self.up, tokens)
         up = up.view(rows, tokens, hidden)
-        return up if self.scale is None else up * self.scale
+        return up if self.scale is None else (up.float() * self.scale).to(up.dtype)  # rounded once, as torch
 
     def _norm(self, name: str, v: Tensor) -> Tensor:
-        """v: [M, L, H] -> each row's LayerNorm `name` of it."""
-        params = self.norms[name]  # [M, 2, H]
-        return torch.addcmul(params[:, 1:2], F.layer_norm(v, v.shape[-1:], eps=LN_EPS), params[:, 0:1])
+        """v: [M, L, H] -> each row's LayerNorm `name` of it, in float32 rounded once (as F.layer_norm)."""
+        params = self.norms[name]  # [M, 2, H] float32
+        normed = F.layer_norm(v.float(), v.shape[-1:], eps=LN_EPS)  # [M, L, H] float32
+        return torch.addcmul(params[:, 1:2], normed, params[:, 0:1]).to(v.dtype)
 
     @staticmethod
     def usable(adapters: list[BottleneckAdapter], site: Site) -> bool:
@@ -223,7 +225,7 @@ class FormSite:
                         torch.tensor([slot_of[id(a)] for a in per_row], dtype=torch.int32, device=like.device),
                         *tables, max(a.sites[site]["down.weight"].shape[0] for a in distinct),
                         scale[:, None] if scale.numel() else None,
-                        {name: n for name in NORMS if (n := _norms(site, per_row, name, like)).numel()},
+                        {name: n.float() for name in NORMS if (n := _norms(site, per_row, name, like)).numel()},
                         tuple(distinct))
 
 

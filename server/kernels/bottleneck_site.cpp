@@ -10,7 +10,7 @@
 // down.bias ([b]), of up.weight ([H, b], column-major, i.e. b columns of H), of up.bias ([H]), b,
 // and the form's flags (kParallel ...); every tensor of h's dtype and kept alive by the caller.
 // norm_before, norm_after: [N, 2, H] (each row's LayerNorm weight and bias; empty where no slot
-// has that norm); scale: [N, C], C = 1 or H (each row's scaling; empty where every row's is 1).
+// has that norm); scale: [N, C] float32, C = 1 or H (each row's scaling; empty where every row's is 1).
 //
 //   bottleneck_in:  d[t, :b] = down(LN_before(v)) + down.bias,  v = x (parallel), h + x
 //                   (original_ln_before) or h; d[t, b:] and base rows left as they are
@@ -18,7 +18,9 @@
 //                   x for the form; base rows get x + h
 //
 // The form logic mirrors server/adapters/bottleneck.py `combine` op for op, each op rounded to the
-// dtype as torch rounds it, so in float32 only the norms' reductions differ from the torch path.
+// dtype where torch rounds it (a LayerNorm once, after its affine; the scaling in float32, as torch
+// multiplies by a Python float or a tensor of the dtype), so only the norms' reductions differ from
+// the torch path.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -65,10 +67,8 @@ void layer_norm(std::vector<float>& v, const T* norm, int64_t hidden) {
   const float rstd = static_cast<float>(1.0 / std::sqrt(squares / hidden + kLnEps));
   const T* weight = norm;
   const T* bias = norm + hidden;
-  for (int64_t i = 0; i < hidden; ++i) {
-    const float normed = rounded<T>((v[i] - static_cast<float>(mean)) * rstd);
-    v[i] = rounded<T>(static_cast<float>(bias[i]) + normed * static_cast<float>(weight[i]));
-  }
+  for (int64_t i = 0; i < hidden; ++i)
+    v[i] = rounded<T>(static_cast<float>(bias[i]) + (v[i] - static_cast<float>(mean)) * rstd * static_cast<float>(weight[i]));
 }
 
 template <typename T>
@@ -127,9 +127,9 @@ void down_row(const Slot& slot, const std::vector<float>& v, int64_t hidden, T* 
 }
 
 // u = s · (up · a[:b] + up.bias) for one row. up: [H, b] column-major (column j at up + j · H);
-// scale: [C] (C = 1 or H) or null
+// scale: [C] float32 (C = 1 or H) or null
 template <typename T>
-void up_row(const Slot& slot, const T* a, const T* scale, int64_t scale_width, int64_t hidden, std::vector<float>& u) {
+void up_row(const Slot& slot, const T* a, const float* scale, int64_t scale_width, int64_t hidden, std::vector<float>& u) {
   const T* up = static_cast<const T*>(slot.up);
   const T* bias = static_cast<const T*>(slot.up_bias);
   for (int64_t i = 0; i < hidden; ++i) u[i] = 0.f;
@@ -141,12 +141,17 @@ void up_row(const Slot& slot, const T* a, const T* scale, int64_t scale_width, i
   }
   for (int64_t i = 0; i < hidden; ++i) {
     const float biased = rounded<T>(u[i] + static_cast<float>(bias[i]));
-    u[i] = scale == nullptr ? biased : rounded<T>(biased * static_cast<float>(scale[scale_width > 1 ? i : 0]));
+    u[i] = scale == nullptr ? biased : rounded<T>(biased * scale[scale_width > 1 ? i : 0]);
   }
 }
 
-std::vector<Slot> read_table(const torch::Tensor& table, const torch::Tensor& slot_of_row, int64_t width) {
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == 6, "bottleneck: table [S, 6]");
+// The slots, checked against the rows: each row's slot in the table, its b within d, its norm given.
+std::vector<Slot> read_table(const torch::Tensor& table, const torch::Tensor& slot_of_row, int64_t width, Flag norm,
+                             const torch::Tensor& norms) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 6 && table.is_contiguous() && table.scalar_type() == torch::kLong,
+              "bottleneck: table [S, 6] int64, contiguous");
+  TORCH_CHECK(slot_of_row.is_contiguous() && slot_of_row.scalar_type() == torch::kLong,
+              "bottleneck: slot_of_row int64, contiguous");
   const int64_t* tp = table.data_ptr<int64_t>();
   std::vector<Slot> slots(table.size(0));
   for (size_t k = 0; k < slots.size(); ++k) {
@@ -156,8 +161,11 @@ std::vector<Slot> read_table(const torch::Tensor& table, const torch::Tensor& sl
     TORCH_CHECK(e[4] <= width, "bottleneck: a slot's b is wider than d");
   }
   const int64_t* slot_of = slot_of_row.data_ptr<int64_t>();
-  for (int64_t t = 0; t < slot_of_row.size(0); ++t)
+  for (int64_t t = 0; t < slot_of_row.size(0); ++t) {
     TORCH_CHECK(slot_of[t] < static_cast<int64_t>(slots.size()), "bottleneck: slot index past the table");
+    TORCH_CHECK(slot_of[t] < 0 || !slots[slot_of[t]].has(norm) || norms.numel() > 0,
+                "bottleneck: a row's form has a norm that norms do not give");
+  }
   return slots;
 }
 
@@ -179,7 +187,7 @@ void bottleneck_in(torch::Tensor h, torch::Tensor x, torch::Tensor d, torch::Ten
   TORCH_CHECK(d.dim() == 2 && d.size(0) == h.size(0) && d.is_contiguous() && d.scalar_type() == h.scalar_type(),
               "bottleneck_in: d [N, b]");
   const int64_t n = h.size(0), hidden = h.size(1), width = d.size(1);
-  const std::vector<Slot> slots = read_table(table, slot_of_row, width);
+  const std::vector<Slot> slots = read_table(table, slot_of_row, width, kLnBefore, norm_before);
   const int64_t* slot_of = slot_of_row.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "bottleneck_in", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
@@ -206,17 +214,18 @@ void bottleneck_out(torch::Tensor h, torch::Tensor x, torch::Tensor a, torch::Te
               "bottleneck_out: out like h");
   TORCH_CHECK(a.dim() == 2 && a.size(0) == h.size(0) && a.is_contiguous() && a.scalar_type() == h.scalar_type(),
               "bottleneck_out: a [N, b]");
-  TORCH_CHECK(scale.numel() == 0 || (scale.is_contiguous() && scale.size(0) == h.size(0) &&
-                                     (scale.size(1) == 1 || scale.size(1) == h.size(1))), "bottleneck_out: scale [N, 1 or H]");
+  TORCH_CHECK(scale.numel() == 0 || (scale.is_contiguous() && scale.scalar_type() == torch::kFloat &&
+                                     scale.size(0) == h.size(0) && (scale.size(1) == 1 || scale.size(1) == h.size(1))),
+              "bottleneck_out: scale [N, 1 or H] float32");
   const int64_t n = h.size(0), hidden = h.size(1), width = a.size(1);
   const int64_t scale_width = scale.numel() > 0 ? scale.size(1) : 0;
-  const std::vector<Slot> slots = read_table(table, slot_of_row, width);
+  const std::vector<Slot> slots = read_table(table, slot_of_row, width, kLnAfter, norm_after);
   const int64_t* slot_of = slot_of_row.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "bottleneck_out", [&] {
     const scalar_t* hp = h.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* sp = scale_width > 0 ? scale.data_ptr<scalar_t>() : nullptr;
+    const float* sp = scale_width > 0 ? scale.data_ptr<float>() : nullptr;
     const scalar_t* na = norm_after.numel() > 0 ? norm_after.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {

@@ -11,8 +11,10 @@ casts them to pointers (as lora_triton.py does), so a join or a leave copies no 
 Per token t of slot k: out[t, :n_out] = W x[t, :n_in] + bias, summed in float32 and stored in out's
 dtype; out[t, n_out:] untouched. A program takes a tile of BLOCK_M consecutive tokens (1 at decode,
 16 at prefill) and BLOCK_N outputs, and loops over the distinct slots in its tile; products are
-multiplies and `tl.sum` in float32 (not `tl.dot`, as in lora_triton.py), so a token's sums are the
-same whatever else is in its tile or batch.
+multiplies and `tl.sum` in float32 (not `tl.dot`, as in lora_triton.py), so within a tiling a
+token's sums are the same whatever else is in its tile or batch. The decode and prefill tilings
+block K differently, so a one-token row alone (decode tiling) and in a padded prefill group may
+differ by a float32 rounding.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ PREFILL = (16, 16, 32)  # a tile of 16 tokens: the [M, N, K] product stays at 8k
 
 def slot_linear(x: Tensor, out: Tensor, slot_of_token: Tensor, table: Tensor, tokens_per_row: int) -> None:
     """Write each token's projection into `out` (see the module docstring); `tokens_per_row` picks
-    the tiling (1: decode), never the arithmetic of a token."""
+    the tiling (1: decode)."""
     for name, t in (("x", x), ("out", out), ("slot_of_token", slot_of_token), ("table", table)):
         if not t.is_contiguous():  # the kernel indexes them densely
             raise ValueError(f"slot_linear: {name} must be contiguous, got strides {t.stride()}")

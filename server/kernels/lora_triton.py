@@ -20,8 +20,9 @@ tile of BLOCK_M consecutive tokens (1 at decode: every row its own program; 16 a
 row's tokens share a slot) and loops over the distinct slots in its tile, loading each one's weights
 once. Products are explicit multiplies and `tl.sum` reductions in float32, not `tl.dot` (which
 wants every dim >= 16 and rounds float32 to tf32 by default): a rank-4 slot computes 4 lanes' worth
-padded to BLOCK_R, never the batch's largest rank, and a token's sums are the same whatever else is
-in its tile or batch. Sizes and strides are not specialised on (`do_not_specialize`), so the
+padded to BLOCK_R, never the batch's largest rank, and within a tiling a token's sums are the same
+whatever else is in its tile or batch (decode and prefill block K differently: a float32 rounding
+apart). Sizes and strides are not specialised on (`do_not_specialize`), so the
 kernels a first-use check compiles are the ones every later shape runs.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ PREFILL = (16, 16, 32, 32)  # ... a tile of 16 tokens: the [M, R, K] and [M, N, 
 def lora_delta(x: Tensor, out: Tensor, slot_of_token: Tensor, table: Tensor, scales: Tensor,
                bias: Tensor | None, max_rank: int, tokens_per_row: int) -> None:
     """Add each token's delta into `out` in place. x: [T, in], out: [T, out] (any strides); the
-    vectors contiguous; `tokens_per_row` picks the tiling (1: decode), never the arithmetic of a token."""
+    vectors contiguous; `tokens_per_row` picks the tiling (1: decode)."""
     for name, t in (("slot_of_token", slot_of_token), ("table", table), ("scales", scales), ("bias", bias)):
         if t is not None and not t.is_contiguous():  # the kernels index them densely
             raise ValueError(f"lora_delta: {name} must be contiguous, got strides {t.stride()}")

@@ -18,7 +18,13 @@ pytest.importorskip("triton")
 from server.adapters import bottleneck_layer  # noqa: E402
 from server.adapters.bottleneck_layer import BottleneckHooks, FormSite, triton_serves  # noqa: E402
 from server.kernels.bottleneck_triton import slot_linear  # noqa: E402
-from tests.adapters.test_bottleneck import assert_each_row_is_its_adapters, llama, option_adapters  # noqa: E402,F401
+from tests.adapters.test_bottleneck import (  # noqa: E402,F401 - llama: the fixture
+    assert_each_row_is_its_adapters,
+    assert_rows_round_as_their_adapters,
+    half_adapters,
+    llama,
+    option_adapters,
+)
 from tests.triton_compile import assert_compiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +102,18 @@ def test_hooks_by_form_match_each_adapter_alone(llama, tmp_path, on_triton, monk
     h, x = (torch.randn(len(rows), tokens, 256, generator=g).to(DEVICE) for _ in range(2))
     calls = _counting(monkeypatch)
     assert_each_row_is_its_adapters(rows, h, x)
+    assert calls
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_hooks_by_form_in_half_precision_round_as_torch(llama, tmp_path, on_triton, monkeypatch, tokens):
+    """float16 only here: Triton's interpreter truncates float32 to bfloat16 where a GPU rounds."""
+    adapters = [a.to(DEVICE, torch.float16) for a in half_adapters(tmp_path, llama, torch.float16)]
+    rows = [adapters[0], None, adapters[1], adapters[2], adapters[3], adapters[4], adapters[5], None]
+    g = torch.Generator().manual_seed(0)
+    h, x = (torch.randn(len(rows), tokens, 256, generator=g).to(DEVICE, torch.float16) for _ in range(2))
+    calls = _counting(monkeypatch)
+    assert_rows_round_as_their_adapters(rows, h, x)
     assert calls
 
 
