@@ -9,12 +9,11 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from server.adapters.kinds import load_weights
+from load_tests.gpu import load
 from server.engine.engine import Engine, EngineSettings
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
@@ -22,19 +21,6 @@ from server.model import load_base_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-
-
-@dataclass(eq=False)
-class Held:
-    """What a request holds, as the registry's Adapter, without the store."""
-
-    name: str
-    kind: str
-    weights: object
-
-    @property
-    def n_virtual(self) -> int:
-        return self.weights.n_virtual if self.kind == "prompt" else 0
 
 
 def _cases(base_name: str) -> tuple[list[list[int]], list[tuple[str, Path, list[list[int]]]], list[list[int]]]:
@@ -57,10 +43,7 @@ async def _generate(engine: Engine, prompt: list[int], adapter: Held | None, mod
 def check(base_name: str, dtype: str) -> bool:
     base = load_base_model(FIXTURES / base_name, DEVICE, dtype)
     prompts, cases, base_outputs = _cases(base_name)
-    held = {}
-    for name, folder, _ in cases:
-        kind, weights = load_weights(folder, base)
-        held[name] = Held(name, kind, weights.to(base.device, base.dtype))
+    held = {name: load(base, name, folder) for name, folder, _ in cases}
     metrics = Metrics()
     engine = Engine(base, EngineSettings(max_batch_size=64), metrics)
     engine.start()

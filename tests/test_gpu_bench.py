@@ -1,5 +1,6 @@
 """load_tests.gpu, the GPU benchmark, runs end to end on a tiny Llama on the CPU: every scenario at
-every concurrency, base interleaved, against the copy-bandwidth floor and HF generate."""
+every concurrency, base interleaved, against the copy-bandwidth floor and HF generate; and
+load_tests.cuda_check, the GPU's fidelity check, passes on the CPU."""
 from __future__ import annotations
 
 import json
@@ -18,3 +19,12 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["vs_hf_generate"] > 0 for r in runs)
     assert out["floor_ms"] > 0 and out["weight_bytes"] > 0
     assert [p["concurrency"] for p in out["hf_generate"]] == [1, 3]
+
+
+def test_cuda_check_passes_on_the_cpu(capsys):
+    """load_tests.cuda_check (every adapter kind against the references, alone and mixed) runs where
+    CUDA is absent too, so it cannot rot between the sessions that are lent a GPU."""
+    from load_tests import cuda_check
+
+    assert cuda_check.main() == 0
+    assert "CUDA CHECK PASSED" in capsys.readouterr().out
