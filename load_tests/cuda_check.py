@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from load_tests.gpu import load
+from server.adapters.adapter import Adapter
 from server.engine.engine import Engine, EngineSettings
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
@@ -31,7 +32,7 @@ def _cases(base_name: str) -> tuple[list[list[int]], list[tuple[str, Path, list[
     return peft["prompts"], cases, peft["base_outputs"]
 
 
-async def _generate(engine: Engine, prompt: list[int], adapter: Held | None, mode: str) -> list[int]:
+async def _generate(engine: Engine, prompt: list[int], adapter: Adapter | None, mode: str) -> list[int]:
     out = []
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     async for event in engine.generate(prompt, params, adapter, mode):

@@ -113,12 +113,7 @@ class SiteSlots:
     @staticmethod
     def build(site: Site, rows: list[BottleneckAdapter | None]) -> SiteSlots:
         """rows: each batch row's adapter, None where it has none at this site."""
-        slot_of: dict[int, int] = {}
-        distinct: list[BottleneckAdapter] = []
-        for a in rows:
-            if a is not None and id(a) not in slot_of:
-                slot_of[id(a)] = len(distinct)
-                distinct.append(a)
+        distinct, slot_of_row = _slots(rows)
         table = [_entry(a, site) for a in distinct]
         like = distinct[0].sites[site]["down.weight"]
         acts: dict[str, list[int]] = {}
@@ -126,12 +121,19 @@ class SiteSlots:
             if a is not None:
                 acts.setdefault(a.spec.non_linearity, []).append(i)
         by_act = {a.spec.non_linearity: a.act for a in distinct}
-        return SiteSlots(torch.tensor([-1 if a is None else slot_of[id(a)] for a in rows]),
-                         torch.tensor(table, dtype=torch.long), max(e[4] for e in table),
+        return SiteSlots(torch.tensor(slot_of_row), torch.tensor(table, dtype=torch.long), max(e[4] for e in table),
                          tuple((by_act[name], None if len(acts) == 1 else torch.tensor(idx))
                                for name, idx in acts.items()),
                          _scales(site, rows, like), {name: _norms(site, rows, name, like) for name in NORMS},
                          tuple(distinct))
+
+
+def _slots(rows: list[BottleneckAdapter | None]) -> tuple[list[BottleneckAdapter], list[int]]:
+    """The distinct adapters of `rows` in order of first use (slot k: the k-th), and each row's slot
+    (-1 where it has none)."""
+    distinct = list({id(a): a for a in rows if a is not None}.values())
+    slot_of = {id(a): k for k, a in enumerate(distinct)}
+    return distinct, [-1 if a is None else slot_of[id(a)] for a in rows]
 
 
 def _entry(adapter: BottleneckAdapter, site: Site) -> list[int]:
@@ -215,25 +217,23 @@ class FormSite:
     @staticmethod
     def build(site: Site, per_row: list[BottleneckAdapter]) -> FormSite:
         """per_row: the adapter of each of the form's rows at this site."""
-        distinct = list({id(a): a for a in per_row}.values())
-        slot_of = {id(a): k for k, a in enumerate(distinct)}
+        distinct, slot_of_row = _slots(per_row)
         like = distinct[0].sites[site]["down.weight"]
-        tables = [torch.tensor([_projection(a.sites[site], name) for a in distinct], dtype=torch.long,
-                               device=like.device) for name in ("down", "up")]
+        tables = [torch.tensor([_linear_entry(a.sites[site][f"{name}.weight"], a.sites[site][f"{name}.bias"])
+                                for a in distinct], dtype=torch.long, device=like.device) for name in ("down", "up")]
         scale = _scales(site, per_row, like)
         return FormSite(distinct[0].spec, distinct[0].act,
-                        torch.tensor([slot_of[id(a)] for a in per_row], dtype=torch.int32, device=like.device),
+                        torch.tensor(slot_of_row, dtype=torch.int32, device=like.device),
                         *tables, max(a.sites[site]["down.weight"].shape[0] for a in distinct),
                         scale[:, None] if scale.numel() else None,
                         {name: n.float() for name in NORMS if (n := _norms(site, per_row, name, like)).numel()},
                         tuple(distinct))
 
 
-def _projection(params: dict[str, Tensor], name: str) -> list[int]:
-    """A slot's entry for bottleneck_triton.slot_linear: the addresses of `name`'s weight and bias, its
-    shape and strides."""
-    weight = params[f"{name}.weight"]
-    return [weight.data_ptr(), params[f"{name}.bias"].data_ptr(), *weight.shape, *weight.stride()]
+def _linear_entry(weight: Tensor, bias: Tensor) -> list[int]:
+    """A slot's entry for bottleneck_triton.slot_linear: the addresses of a weight and its bias, the
+    weight's shape and strides."""
+    return [weight.data_ptr(), bias.data_ptr(), *weight.shape, *weight.stride()]
 
 
 @cache
@@ -263,8 +263,7 @@ def _triton_error(device: torch.device, dtype: torch.dtype, tokens: int) -> floa
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=gen).to(device, dtype)
     weights = [(rand(24, 70), rand(24)), (rand(70, 40).T, rand(40))]  # row- and column-major
-    table = torch.tensor([[w.data_ptr(), b.data_ptr(), *w.shape, *w.stride()] for w, b in weights], dtype=torch.long,
-                         device=device)
+    table = torch.tensor([_linear_entry(w, b) for w, b in weights], dtype=torch.long, device=device)
     slots = torch.tensor([0, -1, 1], dtype=torch.int32, device=device).repeat_interleave(tokens)  # [3 * L]
     x, out = rand(3 * tokens, 80), torch.zeros(3 * tokens, 48, dtype=dtype, device=device)
     slot_linear(x, out, slots, table, tokens)

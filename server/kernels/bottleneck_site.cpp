@@ -85,14 +85,13 @@ struct Row {
     }
   }
 
-  // o = combine(u, h, x) for the slot's form, into out.
-  void combine(const Slot& slot, std::vector<float>& u, const T* norm_after, T* out) const {
+  // o = combine(u, h, x) for the slot's form, into out; r: [H] scratch for the serial residual.
+  void combine(const Slot& slot, std::vector<float>& u, std::vector<float>& r, const T* norm_after, T* out) const {
     std::vector<float>& o = u;
     if (slot.has(kParallel)) {
       if (slot.has(kLnAfter)) layer_norm(u, norm_after, hidden);
       for (int64_t i = 0; i < hidden; ++i) o[i] = rounded<T>(u[i] + static_cast<float>(h[i]));
     } else {
-      std::vector<float> r(hidden);
       for (int64_t i = 0; i < hidden; ++i) {
         const float hi = static_cast<float>(h[i]), xi = static_cast<float>(x[i]);
         const float v = slot.has(kOriginalLnBefore) ? rounded<T>(hi + xi) : hi;
@@ -170,20 +169,19 @@ std::vector<Slot> read_table(const torch::Tensor& table, const torch::Tensor& sl
 }
 
 void check_rows(const torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& slot_of_row,
-                const torch::Tensor& norm_a, const torch::Tensor& norm_b) {
+                const torch::Tensor& norm) {
   TORCH_CHECK(h.dim() == 2 && h.sizes() == x.sizes() && h.is_contiguous() && x.is_contiguous() &&
                   x.scalar_type() == h.scalar_type(), "bottleneck: h, x [N, H], contiguous, one dtype");
   TORCH_CHECK(slot_of_row.size(0) == h.size(0), "bottleneck: slot_of_row [N]");
-  for (const auto& norm : {norm_a, norm_b})
-    TORCH_CHECK(norm.numel() == 0 || (norm.is_contiguous() && norm.size(0) == h.size(0) &&
-                                      norm.size(1) == 2 && norm.size(2) == h.size(1)), "bottleneck: norm [N, 2, H]");
+  TORCH_CHECK(norm.numel() == 0 || (norm.is_contiguous() && norm.size(0) == h.size(0) && norm.size(1) == 2 &&
+                                    norm.size(2) == h.size(1)), "bottleneck: norm [N, 2, H]");
 }
 
 }  // namespace
 
 void bottleneck_in(torch::Tensor h, torch::Tensor x, torch::Tensor d, torch::Tensor slot_of_row, torch::Tensor table,
                    torch::Tensor norm_before) {
-  check_rows(h, x, slot_of_row, norm_before, norm_before);
+  check_rows(h, x, slot_of_row, norm_before);
   TORCH_CHECK(d.dim() == 2 && d.size(0) == h.size(0) && d.is_contiguous() && d.scalar_type() == h.scalar_type(),
               "bottleneck_in: d [N, b]");
   const int64_t n = h.size(0), hidden = h.size(1), width = d.size(1);
@@ -209,7 +207,7 @@ void bottleneck_in(torch::Tensor h, torch::Tensor x, torch::Tensor d, torch::Ten
 
 void bottleneck_out(torch::Tensor h, torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Tensor slot_of_row,
                     torch::Tensor table, torch::Tensor scale, torch::Tensor norm_after) {
-  check_rows(h, x, slot_of_row, norm_after, norm_after);
+  check_rows(h, x, slot_of_row, norm_after);
   TORCH_CHECK(out.sizes() == h.sizes() && out.is_contiguous() && out.scalar_type() == h.scalar_type(),
               "bottleneck_out: out like h");
   TORCH_CHECK(a.dim() == 2 && a.size(0) == h.size(0) && a.is_contiguous() && a.scalar_type() == h.scalar_type(),
@@ -229,7 +227,7 @@ void bottleneck_out(torch::Tensor h, torch::Tensor x, torch::Tensor a, torch::Te
     const scalar_t* na = norm_after.numel() > 0 ? norm_after.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      std::vector<float> u(hidden);
+      std::vector<float> u(hidden), r(hidden);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* ht = hp + t * hidden;
         const scalar_t* xt = xp + t * hidden;
@@ -240,7 +238,7 @@ void bottleneck_out(torch::Tensor h, torch::Tensor x, torch::Tensor a, torch::Te
         }
         const Slot& slot = slots[slot_of[t]];
         up_row(slot, ap + t * width, sp == nullptr ? nullptr : sp + t * scale_width, scale_width, hidden, u);
-        Row<scalar_t>{ht, xt, hidden}.combine(slot, u, na == nullptr ? nullptr : na + t * 2 * hidden, ot);
+        Row<scalar_t>{ht, xt, hidden}.combine(slot, u, r, na == nullptr ? nullptr : na + t * 2 * hidden, ot);
       }
     });
   });
