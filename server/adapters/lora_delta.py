@@ -17,17 +17,17 @@
                  adapter its A and s·B are used as they are: two matmuls over all tokens, no copies.
 
 `python -m load_tests.lora_kernels` (bench shapes q/o 768->768, k/v 768->256, 8 rows, r=16; µs per
-layer of 4 modules, weights in cache, fp32, 2 threads of a Sapphire Rapids VM; base q/k/v/o 210):
+layer of 4 modules, weights in cache, fp32, 2 threads of the AVX-512 dev VM; base q/k/v/o 180):
 
     decode (L=1)                 stacked   slot      plan build: stacked   slot
-    1 adapter on all 8 rows         46       60                      22      51
-    8 adapters                     137       60                     472      85
-    3 adapters r8/16/32 + 2 base   224       73                     781      59
+    1 adapter on all 8 rows         35       31                      19      44
+    8 adapters                      71       35                     439      69
+    3 adapters r8/16/32 + 2 base   148       36                     707      50
 
-With the weights streamed from memory (the engine: 8 rows of 8 adapters, 32 of 32) the kernel
-takes about half the time of the stacked `bmm`s. Prefill (32 tokens a row) runs as GEMMs better than
-as the kernel's dots, so a SlotDelta builds its stacked form, once, when more than one token per
-row comes.
+With the weights streamed from memory (the engine: 8 rows of 8 adapters, 32 of 32) the kernel is
+bound by the memory's bandwidth (32 rows of 32 adapters read 126 MB a step: ~6 ms on the dev VM).
+Prefill (32 tokens a row) runs as GEMMs better than as the kernel's dots, so a SlotDelta builds its
+stacked form, once, when more than one token per row comes.
 
 Grouping rows by adapter (index, two matmuls, index_add per adapter) grows with the number of
 adapters; none of the ways here does (on an H200 in bf16, launch-bound: grouped 224-1710 µs vs stacked

@@ -17,6 +17,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -41,20 +43,74 @@ struct Slot {
 };
 
 template <typename T>
-void one_token(const T* x, T* out, const T* bias, const Slot& slot, int64_t in, int64_t n_out,
-               std::vector<float>& xf, std::vector<float>& d) {
-  const T* a = static_cast<const T*>(slot.a);
-  const T* bt = static_cast<const T*>(slot.b);  // Bᵀ: [r, out]
-  const int64_t r = slot.rank;
-  xf.resize(in);
-  d.assign(n_out, 0.f);
-  for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(x[i]);
-  for (int64_t k = 0; k < r; ++k) {
-    const float h = slot.scale * dot(a + k * in, xf.data(), in);
+const float* as_float(const T* x, int64_t n, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    buffer.resize(n);
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[i]);
+    return buffer.data();
+  }
+}
+
+// h[k] = s · A[k] · x for k < r, four of A's rows at a time (four independent sums keep more of A's
+// bytes in flight than one), float32.
+template <typename T>
+void shrink(const T* a, const float* x, int64_t r, int64_t in, float scale, float* h) {
+  int64_t k = 0;
+  for (; k + 4 <= r; k += 4) {
+    const T* a0 = a + k * in;
+    const T* a1 = a0 + in;
+    const T* a2 = a1 + in;
+    const T* a3 = a2 + in;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t i = 0; i < in; ++i) {
+      s0 += static_cast<float>(a0[i]) * x[i];
+      s1 += static_cast<float>(a1[i]) * x[i];
+      s2 += static_cast<float>(a2[i]) * x[i];
+      s3 += static_cast<float>(a3[i]) * x[i];
+    }
+    h[k] = scale * s0;
+    h[k + 1] = scale * s1;
+    h[k + 2] = scale * s2;
+    h[k + 3] = scale * s3;
+  }
+  for (; k < r; ++k) h[k] = scale * dot(a + k * in, x, in);
+}
+
+// d[o] = Σ_k h[k] · Bᵀ[k, o], k ascending: four rows of Bᵀ at a time stream side by side into d
+// (one pass over d per four ranks, not per rank), vectorised over o.
+template <typename T>
+void expand(const T* bt, const float* h, int64_t r, int64_t n_out, float* d) {
+  std::fill(d, d + n_out, 0.f);
+  int64_t k = 0;
+  for (; k + 4 <= r; k += 4) {
+    const T* b0 = bt + k * n_out;
+    const T* b1 = b0 + n_out;
+    const T* b2 = b1 + n_out;
+    const T* b3 = b2 + n_out;
+    const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+#pragma omp simd
+    for (int64_t o = 0; o < n_out; ++o) {
+      d[o] = (((d[o] + h0 * static_cast<float>(b0[o])) + h1 * static_cast<float>(b1[o])) +
+              h2 * static_cast<float>(b2[o])) + h3 * static_cast<float>(b3[o]);
+    }
+  }
+  for (; k < r; ++k) {
     const T* row = bt + k * n_out;
 #pragma omp simd
-    for (int64_t o = 0; o < n_out; ++o) d[o] += h * static_cast<float>(row[o]);
+    for (int64_t o = 0; o < n_out; ++o) d[o] += h[k] * static_cast<float>(row[o]);
   }
+}
+
+template <typename T>
+void one_token(const T* x, T* out, const T* bias, const Slot& slot, int64_t in, int64_t n_out,
+               std::vector<float>& xf, std::vector<float>& h, std::vector<float>& d) {
+  h.resize(slot.rank);
+  d.resize(n_out);
+  shrink(static_cast<const T*>(slot.a), as_float(x, in, xf), slot.rank, in, slot.scale, h.data());
+  expand(static_cast<const T*>(slot.b), h.data(), slot.rank, n_out, d.data());  // slot.b: Bᵀ [r, out]
   const T* shift = static_cast<const T*>(slot.shift);
   const T* g = static_cast<const T*>(slot.dora);
   for (int64_t o = 0; o < n_out; ++o) {
@@ -92,10 +148,10 @@ void lora_delta(torch::Tensor x, torch::Tensor out, torch::Tensor slot_of_token,
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* bp = bias.numel() > 0 ? bias.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n_tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
-      std::vector<float> xf, d;
+      std::vector<float> xf, h, d;
       for (int64_t t = begin; t < end; ++t) {
         if (slot_of[t] < 0) continue;
-        one_token(xp + t * in, op + t * n_out, bp, slots[slot_of[t]], in, n_out, xf, d);
+        one_token(xp + t * in, op + t * n_out, bp, slots[slot_of[t]], in, n_out, xf, h, d);
       }
     });
   });
