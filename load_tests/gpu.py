@@ -7,7 +7,8 @@ Builds a random-init bf16 Llama-3-8B-shaped model in memory (no download), write
 in their libraries' formats to a scratch folder (32 PEFT LoRAs r=16 on all linear layers, a PEFT
 soft prompt of 20 tokens, a `seq_bn` bottleneck with reduction 16), loads them through the
 server's own readers and runs the engine with no HTTP. At each concurrency, interleaving the base
-between variants: base, 32 distinct LoRAs unmerged, soft prompt, bottleneck, one LoRA merged.
+between variants: base, 32 distinct LoRAs unmerged, soft prompt, bottleneck, one LoRA merged; on
+CUDA then `base-eager`, the base with the engine's decode graphs off (engine/graphs.py).
 
 Per scenario: generated tokens/s and the decode step time (median over requests of their time
 per output token). The memory floor of a decode step is the weight bytes over the bandwidth of
@@ -219,9 +220,26 @@ async def run_all(engine: Engine, adapters: dict[str, Adapter], args: argparse.N
         await engine_run(engine, [(None, "none")] * n, vocab, 2, "warm-up")
         for name, plan in plans(adapters, n):
             runs.append(await engine_run(engine, plan, vocab, args.tokens, name))
-            print(f"{name:<18} x{n:<4} {runs[-1].tokens_per_s:9.1f} tok/s  step {runs[-1].step_ms:7.2f} ms",
-                  file=sys.stderr, flush=True)
+            _print(runs[-1])
+        if engine.graphs is not None:  # CUDA: the base once more with its decode graphs off, after a base run
+            runs.append(await eager_run(engine, [(None, "none")] * n, vocab, args.tokens))
+            _print(runs[-1])
     return runs
+
+
+async def eager_run(engine: Engine, plan: list[tuple[Adapter | None, str]], vocab: int, tokens: int) -> Run:
+    """`engine_run` with the engine's decode graphs off (set on the engine thread, between steps)."""
+    graphs = engine.graphs
+    engine.call(lambda: setattr(engine, "graphs", None))
+    try:
+        return await engine_run(engine, plan, vocab, tokens, "base-eager")
+    finally:
+        engine.call(lambda: setattr(engine, "graphs", graphs))
+
+
+def _print(run: Run) -> None:
+    print(f"{run.scenario:<18} x{run.concurrency:<4} {run.tokens_per_s:9.1f} tok/s  step {run.step_ms:7.2f} ms",
+          file=sys.stderr, flush=True)
 
 
 def report(runs: list[Run], peers: list[Run], floor_ms: float) -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything issue 14 asks of a lent GPU, as one command inside its 10-minute limit: the Triton
-# kernels' tests compiled and run on the device, every adapter kind against the references on CUDA,
+# kernels' tests compiled and run on the device and the CUDA-graph tests, every adapter kind against the references on CUDA,
 # and the GPU benchmark. Logs and the benchmark's JSON go to $OUT (or ./gpu_out).
 #
 # The device machine has torch, triton, transformers, peft, pytest and prometheus-client; the
@@ -34,8 +34,8 @@ step() {  # step NAME SECONDS COMMAND...: run it, its output to $OUT/NAME.log, n
   [ "$status" -ne 0 ] || status=$rc
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-step triton_tests 180 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_triton.py \
-  tests/adapters/test_bottleneck_triton.py tests/engine/test_paged_attention_triton.py
+step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_triton.py \
+  tests/adapters/test_bottleneck_triton.py tests/engine/test_paged_attention_triton.py tests/engine/test_graphs.py
 step cuda_check 120 python3 -m load_tests.cuda_check
 step gpu_bench 240 python3 -m load_tests.gpu --json "$OUT/gpu.json"
 exit "$status"

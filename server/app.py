@@ -118,6 +118,7 @@ def _engine_settings(s: Settings, threads: int) -> EngineSettings:
         prefill_chunk_tokens=s.prefill_chunk_tokens,
         kv_block_tokens=s.kv_block_tokens,
         threads=threads,
+        cuda_graphs=s.cuda_graphs,
     )
 
 

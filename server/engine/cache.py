@@ -175,6 +175,24 @@ class KVCache:
             positions = positions.minimum(torch.tensor(ends, device=device)[:, None] - 1)  # [N, L]
         return StepShape(start_t, positions, span, aligned, start_t + length, blocks, offsets, read)
 
+    def decode_inputs(self, tables: list[BlockTable], starts: list[int], ids: list[int], rows: int,
+                      width: int) -> Tensor:
+        """A decode step's inputs for a bucket of `rows` rows and `width`-block tables (a CUDA graph's,
+        engine/graphs.py), packed on the host as one long tensor [5 R + R W]: ids, starts (= positions),
+        lengths (starts + 1), the block and offset of each new token's k/v, then the tables [R, W]
+        (null-padded). Each row's blocks are fitted to its new position first. The rows past
+        len(tables) are padding: token 0 at position 0, written to the sink block, reading the null one."""
+        n, b = len(tables), self.block_tokens
+        for table, start in zip(tables, starts):
+            self.fit(table, start + 1)
+        pad = rows - n
+        head = [ids + [0] * pad, starts + [0] * pad, [s + 1 for s in starts] + [1] * pad,
+                [t.blocks[s // b] for t, s in zip(tables, starts)] + [SINK_BLOCK] * pad,
+                [s % b for s in starts] + [0] * pad]
+        read = [t.blocks[:width] + [NULL_BLOCK] * (width - len(t.blocks[:width])) for t in tables]
+        read += [[NULL_BLOCK] * width] * pad
+        return torch.tensor([x for column in head + read for x in column], dtype=torch.long)
+
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """One layer's key and value pools, [blocks, Hkv, B, D] each."""
         return self.pool[0, layer], self.pool[1, layer]

@@ -33,6 +33,7 @@ from server.engine.calls import EngineCalls
 from server.engine.chunks import ChunkedPrefill, chunk_tokens
 from server.engine.clock import AdapterClock
 from server.engine.faults import describe, failed, non_finite
+from server.engine.graphs import DecodeGraphs, cuda_capture
 from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.phases import Phases
 from server.engine.prefill import Prefiller
@@ -68,6 +69,7 @@ class EngineSettings:
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
     kv_block_tokens: int = 16  # positions per KV-cache block
     threads: int = 0  # CPU threads of the engine's ops, the other threads' default left at one; 0: as they are
+    cuda_graphs: bool = True  # on CUDA, decode steps without unmerged LoRA or bottleneck rows replay graphs
 
 
 class Engine:
@@ -88,6 +90,7 @@ class Engine:
         self.batch = Batch()
         self.clock = AdapterClock(base.device)
         self.prefiller = Prefiller(base, self.cache, settings)
+        self.graphs = _graphs(self.prefiller, settings, base.device)
         self.chunked = ChunkedPrefill(self.prefiller, chunk_tokens(settings.prefill_chunk_tokens, base.device),
                                       settings.max_prefill_tokens)
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
@@ -316,7 +319,10 @@ class Engine:
         measured = self.clock.begin_step()
         ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
         try:
-            logits = self.prefiller.decode_logits(ids, batch, self.clock)  # [N, V]
+            if self.graphs is not None and self.graphs.serves(batch):
+                logits = self.graphs.logits(batch)  # [N, V]
+            else:
+                logits = self.prefiller.decode_logits(ids, batch, self.clock)  # [N, V]
             good, scored = list(range(len(batch))), batch.scored()
         except Exception as exc:  # noqa: BLE001 - pinned to its row by decoding each alone
             log.warning("decode step failed (%s); decoding each row alone", describe(exc))
@@ -409,3 +415,9 @@ class Engine:
             self.batch.leave(len(self.batch) - 1)
         self.scheduler.waiting.clear()
 
+
+def _graphs(prefiller: Prefiller, settings: EngineSettings, device: torch.device) -> DecodeGraphs | None:
+    """Decode graphs on CUDA unless turned off; None elsewhere (a CPU step has no launches to save)."""
+    if not settings.cuda_graphs or device.type != "cuda":
+        return None
+    return DecodeGraphs(prefiller, settings.max_batch_size, cuda_capture(torch.cuda.graph_pool_handle()))

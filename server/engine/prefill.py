@@ -196,6 +196,11 @@ class Prefiller:
             self.lora_ctx.clock = None
         return self.decoder.logits(hidden[:, 0])
 
+    def decode_plain(self, ids: Tensor, shape: StepShape) -> Tensor:
+        """ids: [N, 1] -> the final hidden states [N, H] of a decode step with no adapter plan (no
+        unmerged LoRA, no bottleneck row): what a CUDA graph captures (engine/graphs.py)."""
+        return self._forward(self.decoder.embed(ids), shape, Plans(None, PLAIN))[:, 0]
+
     def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
         """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
         (the fault path: a step that raised is retried row by row to find the row at fault)."""

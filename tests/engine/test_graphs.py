@@ -1,0 +1,171 @@
+"""Decode graphs (engine/graphs.py). On the CPU a stand-in capture replays the forward over the
+bucket's static buffers, so what a graph reads is tested here: padded rows and widths, the packed
+inputs, which steps may replay, the checks that turn graphs off. The real capture is tested on CUDA."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from load_tests.gpu import load
+from server.engine.cache import NULL_BLOCK, SINK_BLOCK, BlockTable, KVCache
+from server.engine.engine import Engine, EngineSettings
+from server.engine.graphs import DecodeGraphs, bucket, cuda_capture
+from server.engine.request import DoneEvent, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.metrics import Metrics
+from server.model import load_base_model
+from tests.conftest import FIXTURES, LLAMA
+
+PEFT = FIXTURES / "peft" / "tiny-llama"
+PROMPT_LENGTHS = (3, 40, 9, 150, 1, 70)  # rows far apart: tables 1 to 14 blocks wide
+
+
+def test_bucket_is_the_next_power_of_two_within_the_cap():
+    assert [bucket(n, 32) for n in (1, 2, 3, 5, 16, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    assert bucket(20, 24) == 24
+
+
+def test_packed_inputs_are_the_eager_steps_plus_padding():
+    cache = KVCache(2, 2, 4, 512, torch.float32, torch.device("cpu"), block_tokens=16)
+    starts = [3, 40, 150, 16]
+    tables = [BlockTable() for _ in starts]
+    for table, start in zip(tables, starts):
+        cache.fit(table, start)
+    rows, width = 8, 16
+    packed = cache.decode_inputs(tables, starts, [11, 12, 13, 14], rows, width)
+    want = cache.step(tables, starts, 1)
+    head, table = packed[: 5 * rows].view(5, rows), packed[5 * rows :].view(rows, width)
+    n, eager_width = len(starts), want.table.shape[1]
+    assert head[0, :n].tolist() == [11, 12, 13, 14] and head[1, :n].tolist() == starts
+    assert torch.equal(head[2, :n], want.lengths)
+    assert torch.equal(head[3, :n], want.slot_blocks) and torch.equal(head[4, :n], want.slot_offsets)
+    assert torch.equal(table[:n, :eager_width], want.table)
+    assert (table[:n, eager_width:] == NULL_BLOCK).all()
+    assert head[:, n:].T.tolist() == [[0, 0, 1, SINK_BLOCK, 0]] * (rows - n)  # padding: writes to the sink
+    assert (table[n:] == NULL_BLOCK).all()  # ... and reads the null block
+
+
+class Replayed:
+    """The CPU's stand-in for a captured graph: a replay runs the forward again over the static buffers."""
+
+    captures = 0
+
+    def __init__(self, forward) -> None:
+        Replayed.captures += 1
+        self.forward = forward
+        self.out = forward()
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.out.copy_(self.forward())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    base = load_base_model(LLAMA, device="cpu", dtype="float32")
+    adapters = {name: load(base, name, PEFT / name) for name in ("lora-qv-r8", "prompt-16")}
+    return base, adapters
+
+
+def _run(base, adapters, jobs, graphs=None, batch=8, new_tokens=12) -> tuple[list[list[int]], DecodeGraphs | None]:
+    """jobs: (adapter name or None, mode, prompt length) -> each job's greedy tokens, all submitted at once."""
+    engine = Engine(base, EngineSettings(max_batch_size=batch, max_batch_tokens=batch * 512), Metrics())
+    if graphs is not None:
+        engine.graphs = DecodeGraphs(engine.prefiller, batch, graphs)
+    engine.start()
+    engine.ready.wait()
+
+    async def one(adapter, mode, n) -> list[int]:
+        prompt = torch.randint(2, 4000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        tokens = []
+        async for event in engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                                           adapters.get(adapter), mode):
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+            elif isinstance(event, DoneEvent) and event.error is not None:
+                raise event.error
+        return tokens
+
+    async def every() -> list[list[int]]:
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    try:
+        return asyncio.run(every()), engine.graphs
+    finally:
+        engine.stop(30)
+
+
+JOBS = [(None, "none", n) for n in PROMPT_LENGTHS] + [("prompt-16", "none", 20)]
+
+
+def test_replayed_buffers_give_the_eager_tokens(setup):
+    """Rows of very different lengths, padded to buckets of rows and widths, decode as eagerly."""
+    base, adapters = setup
+    want, _ = _run(base, adapters, JOBS)
+    Replayed.captures = 0
+    got, graphs = _run(base, adapters, JOBS, Replayed)
+    assert got == want
+    assert graphs.on and Replayed.captures >= 3  # 7 rows, then fewer as they end; widths grow
+    assert sum(c.graph.replays for c in graphs._graphs.values()) >= 10
+
+
+def test_merged_lora_steps_replay_and_unmerged_ones_run_eagerly(setup):
+    base, adapters = setup
+    for mode in ("merged", "unmerged"):
+        jobs = [("lora-qv-r8", mode, n) for n in (5, 33)]
+        want, _ = _run(base, adapters, jobs)
+        Replayed.captures = 0
+        got, graphs = _run(base, adapters, jobs, Replayed)
+        assert got == want
+        assert (Replayed.captures > 0) == (mode == "merged")
+
+
+class Wrong(Replayed):
+    """A graph whose replays are off by one."""
+
+    def replay(self) -> None:
+        super().replay()
+        self.out.add_(1.0)
+
+
+def refuse(forward):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize(("capture", "why"), [(Wrong, "differs"), (refuse, "not permitted")])
+def test_a_graph_that_differs_or_fails_to_capture_turns_graphs_off(setup, caplog, capture, why):
+    base, adapters = setup
+    want, _ = _run(base, adapters, JOBS)
+    with caplog.at_level(logging.WARNING, logger="server.engine.graphs"):
+        got, graphs = _run(base, adapters, JOBS, capture)
+    assert got == want and not graphs.on
+    offs = [r.message for r in caplog.records if "CUDA graphs off" in r.message]
+    assert len(offs) == 1 and why in offs[0]
+
+
+def test_a_grown_pool_drops_the_graphs(setup):
+    """On the CPU the pool starts at 64 blocks and doubles: a graph captured before reads the old one."""
+    base, adapters = setup
+    jobs = [(None, "none", n) for n in (500, 480, 470, 300, 200, 100, 50, 5)]  # together > 64 blocks of 16
+    want, _ = _run(base, adapters, jobs, new_tokens=80)
+    Replayed.captures = 0
+    got, graphs = _run(base, adapters, jobs, Replayed, new_tokens=80)
+    assert got == want
+    assert graphs.cache.n_blocks > 64
+    assert Replayed.captures > len(graphs._graphs)  # those captured before it grew were dropped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_give_the_eager_tokens(dtype):
+    base = load_base_model(LLAMA, device="cuda", dtype=dtype)
+    adapters = {name: load(base, name, PEFT / name) for name in ("lora-qv-r8", "prompt-16")}
+    jobs = JOBS + [("lora-qv-r8", "merged", 7)]
+    want, _ = _run(base, adapters, jobs)
+    got, graphs = _run(base, adapters, jobs, cuda_capture(torch.cuda.graph_pool_handle()))
+    assert graphs.on and graphs._graphs
+    assert got == want
