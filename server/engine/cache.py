@@ -80,6 +80,7 @@ class KVCache:
         self.device = torch.device(device)
         shape = (2, n_layers, max(initial_blocks, 3), n_kv_heads, block_tokens, head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.generation = 0  # times the pool was reallocated (what read the old one must not be replayed)
         self.free = list(range(self.n_blocks - 1, SINK_BLOCK, -1))  # a stack: lowest ids handed out first
         self.prompts = PromptCache()
 
@@ -144,6 +145,7 @@ class KVCache:
         pool = self.pool.new_zeros((*self.pool.shape[:2], new, *self.pool.shape[3:]))
         pool[:, :, :old] = self.pool
         self.pool = pool
+        self.generation += 1
         self.free = list(range(new - 1, old - 1, -1)) + self.free
 
     # ---- one forward -----------------------------------------------------------------

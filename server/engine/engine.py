@@ -33,7 +33,7 @@ from server.engine.calls import EngineCalls
 from server.engine.chunks import ChunkedPrefill, chunk_tokens
 from server.engine.clock import AdapterClock
 from server.engine.faults import describe, failed, non_finite
-from server.engine.graphs import DecodeGraphs, cuda_capture
+from server.engine.graphs import DecodeGraphs, cuda_capture, uncapturable
 from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.phases import Phases
 from server.engine.prefill import Prefiller
@@ -171,6 +171,8 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.base.device.type == "cuda":  # streams, graphs and Triton launches go to the model's device
+            torch.cuda.set_device(self.base.device)
         if self.settings.threads:
             threads.claim(self.settings.threads)
         with torch.inference_mode():
@@ -317,17 +319,16 @@ class Engine:
         batch = self.batch
         t0 = time.perf_counter()
         measured = self.clock.begin_step()
-        ids = torch.tensor([[r.output_ids[-1]] for r in batch.rows], device=self.base.device)  # [N, 1]
         try:
             if self.graphs is not None and self.graphs.serves(batch):
                 logits = self.graphs.logits(batch)  # [N, V]
             else:
-                logits = self.prefiller.decode_logits(ids, batch, self.clock)  # [N, V]
+                logits = self.prefiller.decode_logits(self._last_ids(), batch, self.clock)  # [N, V]
             good, scored = list(range(len(batch))), batch.scored()
         except Exception as exc:  # noqa: BLE001 - pinned to its row by decoding each alone
             log.warning("decode step failed (%s); decoding each row alone", describe(exc))
             measured = False
-            good, logits = self._decode_alone(ids)
+            good, logits = self._decode_alone(self._last_ids())
             scored = scored_rows([batch.rows[i] for i in good])
         if good:
             self._sample([batch.rows[i] for i in good], logits, scored)
@@ -337,6 +338,10 @@ class Engine:
         for i in range(len(batch)):
             batch.lengths[i] += 1
         self._drop_finished()
+
+    def _last_ids(self) -> Tensor:
+        """[N, 1] each row's last token, on the device (a graphed step packs its own)."""
+        return torch.tensor([[r.output_ids[-1]] for r in self.batch.rows], device=self.base.device)
 
     def _decode_alone(self, ids: Tensor) -> tuple[list[int], Tensor | None]:
         """ids: [N, 1] -> (rows that decoded, their logits [G, V]); the others are marked failed."""
@@ -417,7 +422,11 @@ class Engine:
 
 
 def _graphs(prefiller: Prefiller, settings: EngineSettings, device: torch.device) -> DecodeGraphs | None:
-    """Decode graphs on CUDA unless turned off; None elsewhere (a CPU step has no launches to save)."""
+    """Decode graphs on CUDA unless turned off or the model's forward cannot be captured; None elsewhere
+    (a CPU step has no launches to save)."""
     if not settings.cuda_graphs or device.type != "cuda":
         return None
-    return DecodeGraphs(prefiller, settings.max_batch_size, cuda_capture(torch.cuda.graph_pool_handle()))
+    if (why := uncapturable(prefiller.base.hf)) is not None:
+        log.info("CUDA graphs off: %s", why)
+        return None
+    return DecodeGraphs(prefiller, settings.max_batch_size, cuda_capture(device))

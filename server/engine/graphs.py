@@ -17,10 +17,13 @@ changes them in place), the KV pool and the step's buffers. Steps with unmerged 
 rows run eagerly: their plans' slot tables are tensors of each batch composition, which a graph
 would bake in.
 
-Each new graph is checked once: its first replay must give the logits the eager forward gives on
-the same buffers (a capture that raises, or differs, turns graphs off for good with one warning:
-eager decoding serves). A reallocated KV pool (on CUDA it is allocated once; engine/cache.py) drops
-every graph. `--cuda-graphs false` turns them off.
+Each new graph's first CHECKED_REPLAYS replays are checked against the eager forward on the same
+buffers: the capture's own inputs (an empty or broken capture) and the next step's (a value baked
+in at capture); the output is filled with NaN before each, so a replay that writes nothing fails.
+A capture that raises, or a replay that differs, turns graphs off for good with one warning: eager
+decoding serves. Models whose forward branches on the host (dynamic RoPE resizing its cache, MoE
+routing) are not captured at all (`uncapturable`). A reallocated KV pool (on CUDA it is allocated
+once; engine/cache.py) drops every graph. `--no-cuda-graphs` turns them off.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from server.adapters.lora_delta import CHECK_TOLERANCE
 from server.engine.batch import Batch
 from server.engine.cache import KVCache, StepShape
 from server.engine.prefill import Prefiller
@@ -39,7 +43,8 @@ from server.residual import PLAIN
 
 log = logging.getLogger(__name__)
 
-CHECK_TOLERANCE = 1e-3  # max |graph − eager| / (1 + |eager|) of a first replay: the same kernels give 0
+CHECKED_REPLAYS = 2  # of each graph: on the inputs it was captured with, then on the next step's
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # configs' expert counts
 
 
 class Graph(Protocol):
@@ -54,6 +59,15 @@ Capture = Callable[[Callable[[], Tensor]], Graph]  # a forward -> its graph, wit
 def bucket(n: int, cap: int) -> int:
     """The smallest power of two >= n, at most `cap` (n <= cap)."""
     return min(1 << (n - 1).bit_length(), cap)
+
+
+def uncapturable(model: nn.Module) -> str | None:
+    """Why the model's decode forward cannot be captured (it asks the host mid-forward), or None."""
+    if any(getattr(model.config, name, 0) for name in MOE_FIELDS):
+        return "MoE routing picks its experts on the host"
+    if any(getattr(m, "rope_type", None) == "dynamic" for m in model.modules()):
+        return "dynamic RoPE resizes its cache on the host"
+    return None
 
 
 @dataclass(frozen=True)
@@ -79,34 +93,42 @@ class StepBuffers:
         self.flat.copy_(packed)
 
 
-def cuda_capture(pool) -> Capture:
-    """Capture on CUDA into the memory pool `pool` (torch.cuda.graph_pool_handle())."""
+def cuda_capture(device: torch.device) -> Capture:
+    """Capture on `device` (the engine thread's current device), every graph into one memory pool."""
+    pool = torch.cuda.graph_pool_handle()
 
     def capture(forward: Callable[[], Tensor]) -> Graph:
-        return _CudaGraph(forward, pool)
+        return _CudaGraph(forward, device, pool)
 
     return capture
 
 
 class _CudaGraph:
-    def __init__(self, forward: Callable[[], Tensor], pool) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy initialisations (cuBLAS workspaces, ...) happen outside the capture
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
+    def __init__(self, forward: Callable[[], Tensor], device: torch.device, pool) -> None:
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = forward()
+        with torch.cuda.stream(side):  # left whatever the capture raises: the thread's stream is restored
+            forward()  # lazy initialisations (cuBLAS workspaces, ...) happen before the capture
+            torch.cuda.synchronize(device)
+            self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                self.out = forward()
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(side)
 
     def replay(self) -> None:
         self.graph.replay()
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Captured:
     buffers: StepBuffers
     graph: Graph
+    forward: Callable[[], Tensor]  # the eager forward over `buffers`
+    checks_left: int = CHECKED_REPLAYS
 
 
 class DecodeGraphs:
@@ -120,7 +142,7 @@ class DecodeGraphs:
         self.capture = capture
         self.on = True
         self._graphs: dict[tuple[int, int], _Captured] = {}  # by (rows, width)
-        self._pool = self.cache.pool.data_ptr()  # the KV pool they read
+        self._generation = self.cache.generation  # of the KV pool they read
 
     def serves(self, batch: Batch) -> bool:
         """Whether this step's rows can replay a graph: no unmerged LoRA, no bottleneck row."""
@@ -128,46 +150,62 @@ class DecodeGraphs:
         return self.on and plans.lora is None and plans.residual is PLAIN
 
     def logits(self, batch: Batch) -> Tensor:
-        """The batch's next-token logits [N, V], by the bucket's graph (captured and checked first if new)."""
+        """The batch's next-token logits [N, V], by the bucket's graph (captured first if new)."""
         n = len(batch)
-        rows = bucket(n, self.max_rows)
-        width = bucket(self.cache.blocks_for(max(batch.lengths) + 1), self.max_width)
+        key = bucket(n, self.max_rows), bucket(self.cache.blocks_for(max(batch.lengths) + 1), self.max_width)
         packed = self.cache.decode_inputs([r.kv for r in batch.rows], batch.lengths,
-                                          [r.output_ids[-1] for r in batch.rows], rows, width)  # may grow the pool
-        if self.cache.pool.data_ptr() != self._pool:  # it grew: the graphs read the old one
+                                          [r.output_ids[-1] for r in batch.rows], *key)  # may grow the pool
+        if self.cache.generation != self._generation:  # it grew: the graphs read the old one
             self._graphs.clear()
-            self._pool = self.cache.pool.data_ptr()
-        captured = self._graphs.get((rows, width))
+            self._generation = self.cache.generation
+        captured = self._graphs.get(key)
         if captured is None:
-            return self.prefiller.decoder.logits(self._first(rows, width, packed)[:n])
-        captured.buffers.fill(packed)
-        captured.graph.replay()
-        return self.prefiller.decoder.logits(captured.graph.out[:n])
+            hidden = self._capture(key, packed)
+        else:
+            captured.buffers.fill(packed)
+            hidden = self._replay(key, captured)
+        return self.prefiller.decoder.logits(hidden[:n])
 
-    def _first(self, rows: int, width: int, packed: Tensor) -> Tensor:
-        """Capture the bucket's graph and check its first replay against the eager forward; -> the eager
-        final hidden states [R, H]."""
-        buffers = StepBuffers.allocate(rows, width, self.cache)
+    def _capture(self, key: tuple[int, int], packed: Tensor) -> Tensor:
+        """Capture the bucket's graph and replay it, checked; -> the final hidden states [R, H]."""
+        buffers = StepBuffers.allocate(*key, self.cache)
         buffers.fill(packed)
 
         def forward() -> Tensor:
             return self.prefiller.decode_plain(buffers.ids, buffers.shape)  # [R, H]
 
-        want = forward()
         try:
             graph = self.capture(forward)
-            graph.replay()
-            error = ((graph.out - want).abs() / (1 + want.abs())).max().item()
         except Exception as exc:  # noqa: BLE001 - e.g. an op that syncs the host: eager decoding serves
-            self._off(f"capturing {rows} rows x {width} blocks raised {exc!r}")
-            return want
-        if not error <= CHECK_TOLERANCE:
-            self._off(f"{rows} rows x {width} blocks: a replay differs from the eager step by {error:.3g}")
-            return want
-        self._graphs[(rows, width)] = _Captured(buffers, graph)
+            cause = f" after {exc.__context__!r}" if exc.__context__ is not None else ""
+            self._off(f"capturing {key[0]} rows x {key[1]} blocks raised {exc!r}{cause}")
+            return forward()
+        self._graphs[key] = captured = _Captured(buffers, graph, forward)
+        return self._replay(key, captured)
+
+    def _replay(self, key: tuple[int, int], captured: _Captured) -> Tensor:
+        """Replay the bucket's graph (its first ones checked against the eager forward); -> [R, H]."""
+        out = captured.graph.out
+        if not captured.checks_left:
+            captured.graph.replay()
+            return out
+        captured.checks_left -= 1
+        out.fill_(float("nan"))
+        captured.graph.replay()
+        want = captured.forward()  # the same k/v written again, the same values
+        if (error := _difference(out, want)) > CHECK_TOLERANCE.get(want.dtype, 0.0):
+            self._off(f"{key[0]} rows x {key[1]} blocks: a replay differs from the eager step by {error:.3g}")
         return want
 
     def _off(self, why: str) -> None:
         log.warning("CUDA graphs off (%s); decode steps run eagerly", why)
         self.on = False
         self._graphs.clear()
+
+
+def _difference(got: Tensor, want: Tensor) -> float:
+    """max |got − want| / (1 + |want|) where `want` is finite; inf where only one of them is."""
+    finite = want.isfinite()
+    if not torch.equal(finite, got.isfinite()):
+        return float("inf")
+    return torch.where(finite, (got - want).abs() / (1 + want.abs()), 0).max().item()
