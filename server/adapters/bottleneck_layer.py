@@ -35,6 +35,7 @@ from torch import Tensor
 from server import kernels
 from server.adapters.bottleneck import LN_EPS, BottleneckAdapter, BottleneckSpec, Site, combine
 from server.adapters.lora_delta import CHECK_TOLERANCE
+from server.adapters.slots import assign_slots
 from server.residual import PLAIN, ResidualHooks
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class SiteSlots:
     @staticmethod
     def build(site: Site, rows: list[BottleneckAdapter | None]) -> SiteSlots:
         """rows: each batch row's adapter, None where it has none at this site."""
-        distinct, slot_of_row = _slots(rows)
+        distinct, slot_of_row = assign_slots(rows)
         table = [_entry(a, site) for a in distinct]
         like = distinct[0].sites[site]["down.weight"]
         acts: dict[str, list[int]] = {}
@@ -126,14 +127,6 @@ class SiteSlots:
                                for name, idx in acts.items()),
                          _scales(site, rows, like), {name: _norms(site, rows, name, like) for name in NORMS},
                          tuple(distinct))
-
-
-def _slots(rows: list[BottleneckAdapter | None]) -> tuple[list[BottleneckAdapter], list[int]]:
-    """The distinct adapters of `rows` in order of first use (slot k: the k-th), and each row's slot
-    (-1 where it has none)."""
-    distinct = list({id(a): a for a in rows if a is not None}.values())
-    slot_of = {id(a): k for k, a in enumerate(distinct)}
-    return distinct, [-1 if a is None else slot_of[id(a)] for a in rows]
 
 
 def _entry(adapter: BottleneckAdapter, site: Site) -> list[int]:
@@ -217,7 +210,7 @@ class FormSite:
     @staticmethod
     def build(site: Site, per_row: list[BottleneckAdapter]) -> FormSite:
         """per_row: the adapter of each of the form's rows at this site."""
-        distinct, slot_of_row = _slots(per_row)
+        distinct, slot_of_row = assign_slots(per_row)
         like = distinct[0].sites[site]["down.weight"]
         tables = [torch.tensor([_linear_entry(a.sites[site][f"{name}.weight"], a.sites[site][f"{name}.bias"])
                                 for a in distinct], dtype=torch.long, device=like.device) for name in ("down", "up")]

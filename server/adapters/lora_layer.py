@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, TritonDelta, module_delta
+from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, TritonDelta, slot_deltas
 from server.adapters.lora_params import (
     ExpertsDelta,
     LoraExperts,
@@ -40,6 +40,7 @@ from server.adapters.lora_params import (
     measured,
     merge_experts,
 )
+from server.adapters.slots import assign_slots
 from server.errors import AdapterFormatError, MergeConflictError
 
 if TYPE_CHECKING:
@@ -61,15 +62,14 @@ class LoraPlan:
     @staticmethod
     def build(rows: list[LoraAdapter | None]) -> LoraPlan | None:
         """rows[i]: the unmerged LoRA of batch row i (None: no LoRA). None if no row has one."""
-        names = sorted({name for adapter in rows if adapter is not None for name in adapter.modules})
-        experts = sorted({name for adapter in rows if adapter is not None for name in adapter.experts})
+        distinct, slots = assign_slots(rows)
+        names = sorted({name for adapter in distinct for name in adapter.modules})
+        experts = sorted({name for adapter in distinct for name in adapter.experts})
         if not names and not experts:
             return None
-        return LoraPlan(len(rows), {
-            name: module_delta([None if a is None else a.modules.get(name) for a in rows],
-                                    any(a.spec.alora_invocation_tokens for a in rows if a and name in a.modules))
-            for name in names
-        }, {
+        gated = {name for a in distinct if a.spec.alora_invocation_tokens for name in a.modules}
+        return LoraPlan(len(rows), slot_deltas(slots, {name: [a.modules.get(name) for a in distinct] for name in names},
+                                               gated), {
             name: ExpertsDelta.build([None if a is None else a.experts.get(name) for a in rows]) for name in experts
         })
 

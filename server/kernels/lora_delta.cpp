@@ -6,7 +6,8 @@
 // x: [T, in] and out: [T, out] (a token per row, T = rows · tokens), out = base_layer(x) on entry;
 // slot_of_token: [T] int64, -1 where the token gets no delta (a base row, an aLoRA row before its
 // invocation); table: [S, 5] int64 per slot: A's address ([r, in], row-major), B's ([out, r], stored
-// column-major, i.e. as Bᵀ [r, out] row-major, so the expansion streams it), r, the address of
+// column-major, i.e. as Bᵀ [r, out] row-major, so the expansion streams it), r (0: the slot's adapter
+// has no LoRA at this module, its tokens get no delta), the address of
 // `shift` ([out], 0: none) and of DoRA's g ([out], 0: none), every tensor of x's dtype and kept
 // alive by the caller; scales: [S] float32, s = alpha / r; bias: [out] or empty (DoRA's
 // x Wᵀ is out − bias).
@@ -150,7 +151,7 @@ void lora_delta(torch::Tensor x, torch::Tensor out, torch::Tensor slot_of_token,
     at::parallel_for(0, n_tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
       std::vector<float> xf, h, d;
       for (int64_t t = begin; t < end; ++t) {
-        if (slot_of[t] < 0) continue;
+        if (slot_of[t] < 0 || slots[slot_of[t]].rank == 0) continue;  // no adapter, or none of its LoRA here
         one_token(xp + t * in, op + t * n_out, bp, slots[slot_of[t]], in, n_out, xf, h, d);
       }
     });

@@ -4,7 +4,8 @@ the Triton counterpart of lora_delta.cpp, with the same slot table and the same 
 x: [T, in] and out: [T, out] (T = rows · tokens), out = base_layer(x) on entry; slot_of_token: [T]
 int32, -1 where the token gets no delta (a base row, an aLoRA token before its invocation); table:
 [S, 5] int64 per slot, on x's device: A's address ([r, in], row-major), B's ([out, r], stored
-column-major, i.e. as Bᵀ [r, out] row-major, so a tile of outputs reads contiguous memory), r, the
+column-major, i.e. as Bᵀ [r, out] row-major, so a tile of outputs reads contiguous memory), r (0:
+the slot's adapter has no LoRA at this module, its tokens get no delta), the
 address of `shift` ([out], 0: none) and of DoRA's g ([out], 0: none), every tensor of x's dtype and
 kept alive by the caller; scales: [S] float32, s = alpha / r; bias: [out] or None (DoRA's x Wᵀ is
 out − bias). The kernels load each slot's addresses from the table and cast them to pointers (as
@@ -110,27 +111,36 @@ def _expand(h_ptr, out_ptr, slot_ptr, table_ptr, bias_ptr, T, N, R, stride_om, s
     while tl.sum(todo.to(tl.int32), axis=0) > 0:
         slot, mine = _next_slot(slots, todo)
         entry = table_ptr + slot.to(tl.int64) * COLUMNS
-        bt_ptr = tl.load(entry + 1).to(tl.pointer_type(out_ptr.dtype.element_ty))  # Bᵀ: [r, out]
         rank = tl.load(entry + 2)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, rank, BLOCK_R):
-            ranks = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-            r_ok = ranks < rank
-            ht = tl.load(h_ptr + rows[:, None] * R + ranks[None, :],
-                         mask=mine[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] float32
-            bt = tl.load(bt_ptr + ranks[None, :].to(tl.int64) * N + cols[:, None],
-                         mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
-            acc += tl.sum(ht[:, None, :] * bt[None, :, :], axis=2)
-        out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on  # [BLOCK_M, BLOCK_N]
-        here = mine[:, None] & n_ok[None, :]
-        base = tl.load(out_ptrs, mask=here, other=0.0).to(tl.float32)
-        acc = _dora(acc, base, entry, bias_ptr, cols, n_ok, out_ptr.dtype.element_ty, HAS_BIAS)
-        shift_addr = tl.load(entry + 3)
-        if shift_addr != 0:
-            shift = tl.load(shift_addr.to(tl.pointer_type(out_ptr.dtype.element_ty)) + cols, mask=n_ok, other=0.0)
-            acc += shift.to(tl.float32)[None, :]
-        tl.store(out_ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=here)
+        if rank > 0:  # 0: the slot's adapter has no LoRA at this module
+            _expand_slot(h_ptr, out_ptr, entry, bias_ptr, rows, mine, cols, n_ok, rank, N, R, stride_om, stride_on,
+                         HAS_BIAS, BLOCK_M, BLOCK_R, BLOCK_N)
         todo = todo & ~mine
+
+
+@triton.jit
+def _expand_slot(h_ptr, out_ptr, entry, bias_ptr, rows, mine, cols, n_ok, rank, N, R, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[mine, cols] += B h (+ DoRA, shift) for one slot's tokens of the tile."""
+    bt_ptr = tl.load(entry + 1).to(tl.pointer_type(out_ptr.dtype.element_ty))  # Bᵀ: [r, out]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+        r_ok = ranks < rank
+        ht = tl.load(h_ptr + rows[:, None] * R + ranks[None, :],
+                     mask=mine[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] float32
+        bt = tl.load(bt_ptr + ranks[None, :].to(tl.int64) * N + cols[:, None],
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+        acc += tl.sum(ht[:, None, :] * bt[None, :, :], axis=2)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on  # [BLOCK_M, BLOCK_N]
+    here = mine[:, None] & n_ok[None, :]
+    base = tl.load(out_ptrs, mask=here, other=0.0).to(tl.float32)
+    acc = _dora(acc, base, entry, bias_ptr, cols, n_ok, out_ptr.dtype.element_ty, HAS_BIAS)
+    shift_addr = tl.load(entry + 3)
+    if shift_addr != 0:
+        shift = tl.load(shift_addr.to(tl.pointer_type(out_ptr.dtype.element_ty)) + cols, mask=n_ok, other=0.0)
+        acc += shift.to(tl.float32)[None, :]
+    tl.store(out_ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=here)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from server import kernels
-from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, module_delta
+from server.adapters.lora_delta import LoraWeights, ModuleDelta, SlotDelta, module_delta, slot_deltas
 
 IN, OUT = 48, 40
 
@@ -107,3 +107,24 @@ def test_a_rows_delta_by_slot_is_the_same_bits_alone_and_in_any_batch():
     for i in (0, 3, 5):
         alone = module_delta([rows[i]]).apply(x[i : i + 1], base_out[i : i + 1].clone(), bias)
         assert torch.equal(alone[0], batch[i])
+
+
+def shared_slots(size: tuple[int, int] = (IN, OUT), device: str = "cpu"):
+    """A batch over two modules: adapter 0 targets m1 only, adapter 1 both; rows [0, base, 1, 0, 1].
+    -> (slots, by_slot, each row's weights at m2)."""
+    gen = torch.Generator().manual_seed(2)
+    w01, w11, w12 = (lora_weights(gen, rank, size=size).to(device, torch.float32) for rank in (8, 16, 4))
+    slots = [0, -1, 1, 0, 1]
+    return slots, {"m1": [w01, w11], "m2": [None, w12]}, [None, None, w12, None, w12]
+
+
+@needs_kernel
+def test_modules_of_a_batch_share_its_slots_and_rows_without_lora_there_stay_as_they_were():
+    slots, by_slot, at_m2 = shared_slots()
+    deltas = slot_deltas(slots, by_slot)
+    assert deltas["m1"].slot_of_row is deltas["m2"].slot_of_row
+    x, base_out, bias = _inputs(1, torch.float32)
+    x, base_out = x[:5], base_out[:5]
+    got = deltas["m2"].apply(x, base_out.clone(), bias)
+    assert torch.equal(got[[0, 1, 3]], base_out[[0, 1, 3]])  # adapter 0 has no LoRA at m2: no delta
+    torch.testing.assert_close(got.double(), _expected(x, base_out, bias, at_m2), atol=1e-5, rtol=1e-5)

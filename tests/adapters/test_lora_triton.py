@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from server import kernels  # noqa: E402
 from server.adapters import lora_delta  # noqa: E402
 from server.adapters.lora_delta import LoraWeights, ModuleDelta, TritonDelta, module_delta  # noqa: E402
-from tests.adapters.test_lora_delta import lora_weights  # noqa: E402
+from tests.adapters.test_lora_delta import lora_weights, shared_slots  # noqa: E402
 from tests.triton_compile import assert_compiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,3 +168,14 @@ def test_the_kernels_compile_for_real_gpus_here(tmp_path):
     """What the interpreter accepts, a GPU compile may reject: each launch's kernel, compiled to a
     cubin for sm_80 and sm_90 (Triton's own ptxas, no GPU needed), in float32 and bfloat16."""
     assert_compiles(COMPILE, tmp_path)
+
+
+def test_rows_whose_adapter_has_no_lora_at_a_module_stay_as_they_were():
+    """The modules of a batch share its slots: a slot of rank 0 (its adapter has no LoRA here) adds nothing."""
+    slots, by_slot, at_m2 = shared_slots((IN, OUT), DEVICE)
+    deltas = TritonDelta.build_all(slots, by_slot, set())
+    assert deltas["m1"].slot_of_row is deltas["m2"].slot_of_row
+    x, base_out, bias = (t[:5] if t.dim() > 1 else t for t in _inputs(1, torch.float32))
+    got = deltas["m2"].apply(x, base_out.clone(), bias)
+    assert torch.equal(got[[0, 1, 3]], base_out[[0, 1, 3]])
+    torch.testing.assert_close(got, _reference(at_m2, x, base_out, bias), atol=1e-5, rtol=1e-5)
