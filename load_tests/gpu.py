@@ -8,7 +8,8 @@ in their libraries' formats to a scratch folder (32 PEFT LoRAs r=16 on all linea
 soft prompt of 20 tokens, a `seq_bn` bottleneck with reduction 16), loads them through the
 server's own readers and runs the engine with no HTTP. At each concurrency, interleaving the base
 between variants: base, 32 distinct LoRAs unmerged, soft prompt, bottleneck, one LoRA merged; on
-CUDA then `base-eager`, the base with the engine's decode graphs off (engine/graphs.py).
+CUDA then `base-eager` and `lora-32-unmerged-eager`, with the engine's decode graphs off
+(engine/graphs.py).
 
 Per scenario: generated tokens/s and the decode step time (median over requests of their time
 per output token). The memory floor of a decode step is the weight bytes over the bandwidth of
@@ -221,18 +222,20 @@ async def run_all(engine: Engine, adapters: dict[str, Adapter], args: argparse.N
         for name, plan in plans(adapters, n):
             runs.append(await engine_run(engine, plan, vocab, args.tokens, name))
             _print(runs[-1])
-        if engine.graphs is not None:  # CUDA: the base once more with its decode graphs off, after a base run
-            runs.append(await eager_run(engine, [(None, "none")] * n, vocab, args.tokens))
-            _print(runs[-1])
+        if engine.graphs is not None:  # CUDA: base and 32 LoRAs once more with the decode graphs off
+            for name, plan in plans(adapters, n)[:2]:
+                runs.append(await eager_run(engine, plan, vocab, args.tokens, f"{name}-eager"))
+                _print(runs[-1])
     return runs
 
 
-async def eager_run(engine: Engine, plan: list[tuple[Adapter | None, str]], vocab: int, tokens: int) -> Run:
+async def eager_run(engine: Engine, plan: list[tuple[Adapter | None, str]], vocab: int, tokens: int,
+                    name: str) -> Run:
     """`engine_run` with the engine's decode graphs off (set on the engine thread, between steps)."""
     graphs = engine.graphs
     engine.call(lambda: setattr(engine, "graphs", None))
     try:
-        return await engine_run(engine, plan, vocab, tokens, "base-eager")
+        return await engine_run(engine, plan, vocab, tokens, name)
     finally:
         engine.call(lambda: setattr(engine, "graphs", graphs))
 

@@ -162,21 +162,57 @@ def _per_row(ws: list[LoraWeights], name: str, fill: float) -> Tensor | None:
 
 
 @dataclass(frozen=True)
+class SlotTables:
+    """What the slot deltas of one batch share: each row's slot and every module's table."""
+
+    slot_of_row: Tensor  # [N] row -> slot (long on the CPU, int32 on CUDA), -1: no LoRA
+    table: Tensor  # [M, S, 5] long per module and slot: addresses of A [r, in] and B [out, r], r (0: no LoRA there), of shift and DoRA g (0: none)
+    scales: Tensor  # [M, S] float32: each slot's s at each module
+
+    def blank(self, rows: int) -> SlotTables:
+        """Tables of the same modules for up to `rows` rows and slots, no row with a slot (a CUDA
+        graph's static buffers, engine/graphs.py)."""
+        m = self.table.shape[0]
+        return SlotTables(self.slot_of_row.new_full((rows,), -1), self.table.new_zeros((m, rows, 5)),
+                          self.scales.new_zeros((m, rows)))
+
+    def fill(self, tables: SlotTables) -> None:
+        """Hold `tables` (of the same modules, at most as many rows and slots) in place."""
+        n, slots = tables.slot_of_row.shape[0], tables.table.shape[1]
+        self.slot_of_row.fill_(-1)
+        self.slot_of_row[:n] = tables.slot_of_row
+        self.table.zero_()
+        self.table[:, :slots] = tables.table
+        self.scales[:, :slots] = tables.scales
+
+
+@dataclass(frozen=True)
 class _SlotTable:
     """A wrapped module's LoRA over a batch as a slot table: each distinct adapter of the batch a slot
     (its addresses here; nothing copied), each row a slot index. SlotDelta and TritonDelta read it.
-    The modules of one batch share `slot_of_row` and views of one table (`slot_deltas`)."""
+    The modules of one batch share their `SlotTables` (`slot_deltas`)."""
 
     weights: tuple[LoraWeights | None, ...]  # slot k's weights here, None where its adapter has no LoRA here
     slots: tuple[int, ...]  # row i's slot, -1: none (what slot_of_row holds, on the host)
-    slot_of_row: Tensor  # [N] row -> slot (long on the CPU, int32 on CUDA)
-    table: Tensor  # [S, 5] long per slot: addresses of A [r, in] and B [out, r], r (0: no LoRA here), of shift and DoRA g (0: none)
-    scales: Tensor  # [S] float32: each slot's s
+    tables: SlotTables  # the batch's
+    index: int  # this module's in `tables`
     dtype: torch.dtype  # of every tensor the table points at
     dora: bool  # a slot has DoRA's g: the kernel needs the base bias
     gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
 
     SLOT_DTYPE = torch.long
+
+    @property
+    def slot_of_row(self) -> Tensor:
+        return self.tables.slot_of_row  # [N]
+
+    @cached_property
+    def table(self) -> Tensor:
+        return self.tables.table[self.index]  # [S, 5]
+
+    @cached_property
+    def scales(self) -> Tensor:
+        return self.tables.scales[self.index]  # [S]
 
     @property
     def device(self) -> torch.device:
@@ -198,16 +234,16 @@ class _SlotTable:
 
     @classmethod
     def build_all(cls, slots: list[int], by_slot: dict[str, list[LoraWeights | None]], gated: set[str]) -> dict:
-        """One delta per module of `by_slot` (name -> each slot's weights there), the rows' slots and one
-        [M, S, 5] table made in one tensor each."""
+        """One delta per module of `by_slot` (name -> each slot's weights there), over one SlotTables."""
         names = list(by_slot)
         first = next(w for w in by_slot[names[0]] if w is not None).A
-        slot_of_row = torch.tensor(slots, dtype=cls.SLOT_DTYPE, device=first.device)  # [N]
-        table = torch.tensor([[_entry(w) for w in by_slot[n]] for n in names], dtype=torch.long,
-                             device=first.device)  # [M, S, 5]
-        scales = torch.tensor([[0.0 if w is None else w.scale for w in by_slot[n]] for n in names],
-                              device=first.device)  # [M, S] float32
-        return {n: cls(tuple(by_slot[n]), tuple(slots), slot_of_row, table[m], scales[m], first.dtype,
+        tables = SlotTables(
+            torch.tensor(slots, dtype=cls.SLOT_DTYPE, device=first.device),  # [N]
+            torch.tensor([[_entry(w) for w in by_slot[n]] for n in names], dtype=torch.long,
+                         device=first.device),  # [M, S, 5]
+            torch.tensor([[0.0 if w is None else w.scale for w in by_slot[n]] for n in names],
+                         device=first.device))  # [M, S] float32
+        return {n: cls(tuple(by_slot[n]), tuple(slots), tables, m, first.dtype,
                        any(w is not None and w.dora_scale is not None for w in by_slot[n]), n in gated)
                 for m, n in enumerate(names)}
 

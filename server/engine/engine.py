@@ -320,7 +320,7 @@ class Engine:
         t0 = time.perf_counter()
         measured = self.clock.begin_step()
         try:
-            if self.graphs is not None and self.graphs.serves(batch):
+            if self.graphs is not None and self.graphs.serves(batch, measured):
                 logits = self.graphs.logits(batch)  # [N, V]
             else:
                 logits = self.prefiller.decode_logits(self._last_ids(), batch, self.clock)  # [N, V]

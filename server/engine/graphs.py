@@ -11,11 +11,14 @@ Buckets are captured lazily, on the first step that needs them, into one shared 
 graph ends at the final hidden states: the head runs eagerly (one GEMM), so no bucket holds a
 [rows, vocabulary] output of its own.
 
-Which steps: those where every row is base, merged LoRA or a soft prompt (which at decode is the
-base's computation over its own cache). Such a forward reads only the model's weights (a merge
-changes them in place), the KV pool and the step's buffers. Steps with unmerged LoRA or bottleneck
-rows run eagerly: their plans' slot tables are tensors of each batch composition, which a graph
-would bake in.
+Which steps: those whose rows are base, merged LoRA, soft prompts (at decode the base's
+computation over their own cache) or unmerged LoRA by slot. Such a forward reads only the model's
+weights (a merge changes them in place), the KV pool, the step's buffers and, with unmerged LoRA,
+the slot tables: a graph's own static `SlotTables` (each row's slot, each module's slot entries),
+refilled in place when the batch's composition changes, so one graph serves every composition of
+the same layout (modules, their widest rank, DoRA). Steps with bottleneck or aLoRA rows run
+eagerly (their hooks and gates are per-composition tensors and Python), and so do a LoRA step's
+measured ones (1 in 32 on CUDA: engine/clock.py times the adapter regions).
 
 Each new graph's first CHECKED_REPLAYS replays are checked against the eager forward on the same
 buffers: the capture's own inputs (an empty or broken capture) and the next step's (a value baked
@@ -29,14 +32,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from server.adapters.lora_delta import CHECK_TOLERANCE
-from server.engine.batch import Batch
+from server.adapters.lora import LoraPlan
+from server.adapters.lora_delta import CHECK_TOLERANCE, SlotDelta, SlotTables, TritonDelta
+from server.engine.batch import Batch, Plans
 from server.engine.cache import KVCache, StepShape
 from server.engine.prefill import Prefiller
 from server.residual import PLAIN
@@ -126,9 +130,14 @@ class _CudaGraph:
 @dataclass
 class _Captured:
     buffers: StepBuffers
+    lora: SlotTables | None  # the static slot tables its LoRA deltas read
     graph: Graph
-    forward: Callable[[], Tensor]  # the eager forward over `buffers`
+    forward: Callable[[], Tensor]  # the eager forward over `buffers` (and `lora`)
+    plans: Plans  # whose slot tables `lora` holds
     checks_left: int = CHECKED_REPLAYS
+
+
+Key = tuple  # (rows, width, the LoRA plan's layout or None)
 
 
 class DecodeGraphs:
@@ -141,49 +150,60 @@ class DecodeGraphs:
         self.max_width = self.cache.blocks_for(self.cache.max_len)
         self.capture = capture
         self.on = True
-        self._graphs: dict[tuple[int, int], _Captured] = {}  # by (rows, width)
+        self._graphs: dict[Key, _Captured] = {}
         self._generation = self.cache.generation  # of the KV pool they read
 
-    def serves(self, batch: Batch) -> bool:
-        """Whether this step's rows can replay a graph: no unmerged LoRA, no bottleneck row."""
+    def serves(self, batch: Batch, measured: bool) -> bool:
+        """Whether this step's rows can replay a graph: no bottleneck or aLoRA row, and unmerged LoRA
+        rows only where every module's delta is by slot over one SlotTables, and not on a step whose
+        adapter time is measured (engine/clock.py: its regions are timed eagerly)."""
         plans = batch.plans()
-        return self.on and plans.lora is None and plans.residual is PLAIN
+        if not self.on or plans.residual is not PLAIN or plans.lora_starts is not None:
+            return False
+        return plans.lora is None or (not measured and _layout(plans.lora, self.prefiller.base.dtype) is not None)
 
     def logits(self, batch: Batch) -> Tensor:
         """The batch's next-token logits [N, V], by the bucket's graph (captured first if new)."""
-        n = len(batch)
-        key = bucket(n, self.max_rows), bucket(self.cache.blocks_for(max(batch.lengths) + 1), self.max_width)
+        n, plans = len(batch), batch.plans()
+        rows = bucket(n, self.max_rows)
+        width = bucket(self.cache.blocks_for(max(batch.lengths) + 1), self.max_width)
         packed = self.cache.decode_inputs([r.kv for r in batch.rows], batch.lengths,
-                                          [r.output_ids[-1] for r in batch.rows], *key)  # may grow the pool
+                                          [r.output_ids[-1] for r in batch.rows], rows, width)  # may grow the pool
         if self.cache.generation != self._generation:  # it grew: the graphs read the old one
             self._graphs.clear()
             self._generation = self.cache.generation
+        key = rows, width, plans.lora and _layout(plans.lora, self.prefiller.base.dtype)
         captured = self._graphs.get(key)
         if captured is None:
-            hidden = self._capture(key, packed)
+            hidden = self._capture(key, packed, plans)
         else:
             captured.buffers.fill(packed)
+            if captured.lora is not None and captured.plans is not plans:  # another composition: its slots, tables
+                captured.lora.fill(_tables(plans.lora))
+                captured.plans = plans
             hidden = self._replay(key, captured)
         return self.prefiller.decoder.logits(hidden[:n])
 
-    def _capture(self, key: tuple[int, int], packed: Tensor) -> Tensor:
+    def _capture(self, key: Key, packed: Tensor, plans: Plans) -> Tensor:
         """Capture the bucket's graph and replay it, checked; -> the final hidden states [R, H]."""
-        buffers = StepBuffers.allocate(*key, self.cache)
+        rows, width = key[:2]
+        buffers = StepBuffers.allocate(rows, width, self.cache)
         buffers.fill(packed)
+        lora, plan = _static(plans.lora, rows)
 
         def forward() -> Tensor:
-            return self.prefiller.decode_plain(buffers.ids, buffers.shape)  # [R, H]
+            return self.prefiller.decode_plain(buffers.ids, buffers.shape, plan)  # [R, H]
 
         try:
             graph = self.capture(forward)
         except Exception as exc:  # noqa: BLE001 - e.g. an op that syncs the host: eager decoding serves
             cause = f" after {exc.__context__!r}" if exc.__context__ is not None else ""
-            self._off(f"capturing {key[0]} rows x {key[1]} blocks raised {exc!r}{cause}")
+            self._off(f"capturing {rows} rows x {width} blocks raised {exc!r}{cause}")
             return forward()
-        self._graphs[key] = captured = _Captured(buffers, graph, forward)
+        self._graphs[key] = captured = _Captured(buffers, lora, graph, forward, plans)
         return self._replay(key, captured)
 
-    def _replay(self, key: tuple[int, int], captured: _Captured) -> Tensor:
+    def _replay(self, key: Key, captured: _Captured) -> Tensor:
         """Replay the bucket's graph (its first ones checked against the eager forward); -> [R, H]."""
         out = captured.graph.out
         if not captured.checks_left:
@@ -209,3 +229,31 @@ def _difference(got: Tensor, want: Tensor) -> float:
     if not torch.equal(finite, got.isfinite()):
         return float("inf")
     return torch.where(finite, (got - want).abs() / (1 + want.abs()), 0).max().item()
+
+
+def _layout(plan: LoraPlan, dtype: torch.dtype) -> tuple | None:
+    """What a graph bakes in of a LoRA plan: per module its kind, row of the tables, DoRA and widest
+    rank. None where a graph cannot serve it: fused experts, a stacked or gated module, deltas over
+    more than one SlotTables, weights of another dtype than the model's."""
+    deltas = list(plan.modules.values())
+    if plan.experts or not all(isinstance(d, SlotDelta | TritonDelta) and not d.gated and d.dtype == dtype
+                               for d in deltas):
+        return None
+    if len({id(d.tables) for d in deltas}) != 1:
+        return None
+    return tuple(sorted((name, type(d).__name__, d.index, d.dora, getattr(d, "max_rank", 0))
+                        for name, d in plan.modules.items()))
+
+
+def _tables(plan: LoraPlan) -> SlotTables:
+    return next(iter(plan.modules.values())).tables
+
+
+def _static(plan: LoraPlan | None, rows: int) -> tuple[SlotTables | None, LoraPlan | None]:
+    """Static slot tables for `rows` rows holding `plan`'s, and a plan of the same deltas over them."""
+    if plan is None:
+        return None, None
+    tables = _tables(plan).blank(rows)
+    tables.fill(_tables(plan))
+    return tables, LoraPlan(rows, {name: replace(d, tables=tables, slots=d.slots + (-1,) * (rows - len(d.slots)))
+                                   for name, d in plan.modules.items()}, {})

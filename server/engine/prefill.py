@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from server.adapters.lora import LoraPlan
 from server.adapters.prompt import PrefixKV, PromptAdapter
 from server.decoder import PLAIN, StepShape
 from server.engine.batch import Batch, Plans
@@ -196,10 +197,10 @@ class Prefiller:
             self.lora_ctx.clock = None
         return self.decoder.logits(hidden[:, 0])
 
-    def decode_plain(self, ids: Tensor, shape: StepShape) -> Tensor:
-        """ids: [N, 1] -> the final hidden states [N, H] of a decode step with no adapter plan (no
-        unmerged LoRA, no bottleneck row): what a CUDA graph captures (engine/graphs.py)."""
-        return self._forward(self.decoder.embed(ids), shape, Plans(None, PLAIN))[:, 0]
+    def decode_plain(self, ids: Tensor, shape: StepShape, lora: LoraPlan | None) -> Tensor:
+        """ids: [N, 1] -> the final hidden states [N, H] of a decode step with no bottleneck row and
+        no aLoRA gate: what a CUDA graph captures (engine/graphs.py)."""
+        return self._forward(self.decoder.embed(ids), shape, Plans(lora, PLAIN))[:, 0]
 
     def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
         """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
