@@ -198,6 +198,7 @@ class _SlotTable:
     index: int  # this module's in `tables`
     dtype: torch.dtype  # of every tensor the table points at
     dora: bool  # a slot has DoRA's g: the kernel needs the base bias
+    max_rank: int  # R: the widest of the slots' s·A x (the Triton kernels keep it between their launches)
     gated: bool = False  # an aLoRA row is among them: the context's gate says where their deltas apply
 
     SLOT_DTYPE = torch.long
@@ -224,6 +225,8 @@ class _SlotTable:
 
     @cached_property
     def stacked(self) -> ModuleDelta:
+        if not self.weights:
+            raise ValueError("a CUDA graph's slot deltas keep no weights: they have no stacked form")
         return ModuleDelta.build(self.per_row, self.gated)
 
     @classmethod
@@ -244,7 +247,8 @@ class _SlotTable:
             torch.tensor([[0.0 if w is None else w.scale for w in by_slot[n]] for n in names],
                          device=first.device))  # [M, S] float32
         return {n: cls(tuple(by_slot[n]), tuple(slots), tables, m, first.dtype,
-                       any(w is not None and w.dora_scale is not None for w in by_slot[n]), n in gated)
+                       any(w is not None and w.dora_scale is not None for w in by_slot[n]),
+                       max(w.rank for w in by_slot[n] if w is not None), n in gated)
                 for m, n in enumerate(names)}
 
 
@@ -289,11 +293,6 @@ class TritonDelta(_SlotTable):
                    self.scales, base_bias if self.dora else None, self.max_rank, tokens)  # x [T, in], out [T, out]
         return out
 
-    @cached_property
-    def max_rank(self) -> int:
-        """R: the widest of the slots' s·A x, which the kernel keeps between its two launches."""
-        return max(w.rank for w in self.weights if w is not None)
-
 
 def _entry(w: LoraWeights | None) -> list[int]:
     """A slot's row of the table: rank 0 where its adapter has no LoRA at the module."""
@@ -309,20 +308,23 @@ def slot_deltas(slots: list[int], by_slot: dict[str, list[LoraWeights | None]],
     """Every module's delta over one batch: row i's adapter is slot slots[i] (-1: none), by_slot[name][k]
     slot k's weights at that module (None: no LoRA there), `gated` the modules an aLoRA row reaches.
     By slot on CUDA with Triton (once it has checked out on the device) and on the CPU when the
-    kernels are built, those modules sharing one slot_of_row and one table; else stacked."""
-    kinds = {name: _kind([w for w in ws if w is not None]) for name, ws in by_slot.items()}
+    kernels are built, the modules of one kernel and place sharing one SlotTables; else stacked."""
+    groups: dict[tuple, list[str]] = {}  # (kind, place) -> modules
+    for name, ws in by_slot.items():
+        weights = [w for w in ws if w is not None]
+        groups.setdefault((_kind(weights), weights[0].kernel_place), []).append(name)
     deltas: dict[str, SlotDelta | TritonDelta | ModuleDelta] = {}
-    for kind in (SlotDelta, TritonDelta):
-        if names := [n for n, k in kinds.items() if k is kind]:
-            deltas |= kind.build_all(slots, {n: by_slot[n] for n in names}, gated)
-    for name, kind in kinds.items():
+    for (kind, _), names in groups.items():
         if kind is ModuleDelta:
-            deltas[name] = ModuleDelta.build([None if k < 0 else by_slot[name][k] for k in slots], name in gated)
+            deltas |= {n: ModuleDelta.build([None if k < 0 else by_slot[n][k] for k in slots], n in gated) for n in names}
+        else:
+            deltas |= kind.build_all(slots, {n: by_slot[n] for n in names}, gated)
     return deltas
 
 
 def _kind(weights: list[LoraWeights]) -> type[SlotDelta | TritonDelta | ModuleDelta]:
-    if len({w.kernel_place for w in weights} | {None}) != 2:  # one place, and every weights readable there
+    places = {w.kernel_place for w in weights}
+    if len(places) != 1 or None in places:  # one place, and every weights readable there
         return ModuleDelta
     first = weights[0].A
     if kernels.on_triton(first) and first.dtype in CHECK_TOLERANCE:  # float64 stays exact, stacked

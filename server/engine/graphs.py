@@ -31,6 +31,7 @@ once; engine/cache.py) drops every graph. `--no-cuda-graphs` turns them off.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -48,6 +49,7 @@ from server.residual import PLAIN
 log = logging.getLogger(__name__)
 
 CHECKED_REPLAYS = 2  # of each graph: on the inputs it was captured with, then on the next step's
+MIN_RANK = 16  # the least R a graph's LoRA kernels are captured with
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # configs' expert counts
 
 
@@ -133,7 +135,7 @@ class _Captured:
     lora: SlotTables | None  # the static slot tables its LoRA deltas read
     graph: Graph
     forward: Callable[[], Tensor]  # the eager forward over `buffers` (and `lora`)
-    plans: Plans  # whose slot tables `lora` holds
+    plans: weakref.ref[Plans]  # whose slot tables `lora` holds (weak: an evicted adapter's weights go)
     checks_left: int = CHECKED_REPLAYS
 
 
@@ -152,6 +154,7 @@ class DecodeGraphs:
         self.on = True
         self._graphs: dict[Key, _Captured] = {}
         self._generation = self.cache.generation  # of the KV pool they read
+        self._layout: tuple[weakref.ref[Plans], tuple | None] = (lambda: None, None)  # the last plans' layout
 
     def serves(self, batch: Batch, measured: bool) -> bool:
         """Whether this step's rows can replay a graph: no bottleneck or aLoRA row, and unmerged LoRA
@@ -160,7 +163,13 @@ class DecodeGraphs:
         plans = batch.plans()
         if not self.on or plans.residual is not PLAIN or plans.lora_starts is not None:
             return False
-        return plans.lora is None or (not measured and _layout(plans.lora, self.prefiller.base.dtype) is not None)
+        return plans.lora is None or (not measured and self._layout_of(plans) is not None)
+
+    def _layout_of(self, plans: Plans) -> tuple | None:
+        """`_layout` of the plans' LoRA, computed once per composition."""
+        if self._layout[0]() is not plans:
+            self._layout = weakref.ref(plans), _layout(plans.lora, self.prefiller.base.dtype)
+        return self._layout[1]
 
     def logits(self, batch: Batch) -> Tensor:
         """The batch's next-token logits [N, V], by the bucket's graph (captured first if new)."""
@@ -172,17 +181,17 @@ class DecodeGraphs:
         if self.cache.generation != self._generation:  # it grew: the graphs read the old one
             self._graphs.clear()
             self._generation = self.cache.generation
-        key = rows, width, plans.lora and _layout(plans.lora, self.prefiller.base.dtype)
+        key = rows, width, plans.lora and self._layout_of(plans)
         captured = self._graphs.get(key)
         if captured is None:
             hidden = self._capture(key, packed, plans)
         else:
             captured.buffers.fill(packed)
-            if captured.lora is not None and captured.plans is not plans:  # another composition: its slots, tables
+            if captured.lora is not None and captured.plans() is not plans:  # another composition: its slots, tables
                 captured.lora.fill(_tables(plans.lora))
-                captured.plans = plans
+                captured.plans = weakref.ref(plans)
             hidden = self._replay(key, captured)
-        return self.prefiller.decoder.logits(hidden[:n])
+        return self.prefiller.head(hidden[:n], plans.lora)  # a replay left the LoRA context as it was
 
     def _capture(self, key: Key, packed: Tensor, plans: Plans) -> Tensor:
         """Capture the bucket's graph and replay it, checked; -> the final hidden states [R, H]."""
@@ -200,7 +209,7 @@ class DecodeGraphs:
             cause = f" after {exc.__context__!r}" if exc.__context__ is not None else ""
             self._off(f"capturing {rows} rows x {width} blocks raised {exc!r}{cause}")
             return forward()
-        self._graphs[key] = captured = _Captured(buffers, lora, graph, forward, plans)
+        self._graphs[key] = captured = _Captured(buffers, lora, graph, forward, weakref.ref(plans))
         return self._replay(key, captured)
 
     def _replay(self, key: Key, captured: _Captured) -> Tensor:
@@ -241,8 +250,14 @@ def _layout(plan: LoraPlan, dtype: torch.dtype) -> tuple | None:
         return None
     if len({id(d.tables) for d in deltas}) != 1:
         return None
-    return tuple(sorted((name, type(d).__name__, d.index, d.dora, getattr(d, "max_rank", 0))
+    return tuple(sorted((name, type(d).__name__, d.index, d.dora, _rank_bucket(d.max_rank))
                         for name, d in plan.modules.items()))
+
+
+def _rank_bucket(rank: int) -> int:
+    """The R a graph's LoRA kernels are captured with: a power of two, at least MIN_RANK (adapters of
+    ranks 8 and 16 share graphs; a slot's programs stop at its own rank)."""
+    return max(MIN_RANK, 1 << (rank - 1).bit_length())
 
 
 def _tables(plan: LoraPlan) -> SlotTables:
@@ -250,10 +265,12 @@ def _tables(plan: LoraPlan) -> SlotTables:
 
 
 def _static(plan: LoraPlan | None, rows: int) -> tuple[SlotTables | None, LoraPlan | None]:
-    """Static slot tables for `rows` rows holding `plan`'s, and a plan of the same deltas over them."""
+    """Static slot tables for `rows` rows holding `plan`'s, and a plan of the same deltas over them
+    (no weights kept: those of later compositions come through the tables)."""
     if plan is None:
         return None, None
     tables = _tables(plan).blank(rows)
     tables.fill(_tables(plan))
-    return tables, LoraPlan(rows, {name: replace(d, tables=tables, slots=d.slots + (-1,) * (rows - len(d.slots)))
+    return tables, LoraPlan(rows, {name: replace(d, tables=tables, weights=(), slots=(),
+                                                 max_rank=_rank_bucket(d.max_rank))
                                    for name, d in plan.modules.items()}, {})

@@ -202,6 +202,12 @@ class Prefiller:
         no aLoRA gate: what a CUDA graph captures (engine/graphs.py)."""
         return self._forward(self.decoder.embed(ids), shape, Plans(lora, PLAIN))[:, 0]
 
+    def head(self, hidden: Tensor, lora: LoraPlan | None) -> Tensor:
+        """hidden: [N, H] the rows' final hidden states -> logits [N, V], with the rows' LoRA plan in
+        place (the head may be a LoRA target; a CUDA graph's replay sets no plan)."""
+        self.lora_ctx.plan, self.lora_ctx.gate = lora, None
+        return self.decoder.logits(hidden)
+
     def decode_row(self, ids: Tensor, batch: Batch, i: int) -> Tensor:
         """ids: [1, 1] the last token of batch row i -> its next-token logits [1, V], computed alone
         (the fault path: a step that raised is retried row by row to find the row at fault)."""

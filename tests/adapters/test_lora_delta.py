@@ -128,3 +128,17 @@ def test_modules_of_a_batch_share_its_slots_and_rows_without_lora_there_stay_as_
     got = deltas["m2"].apply(x, base_out.clone(), bias)
     assert torch.equal(got[[0, 1, 3]], base_out[[0, 1, 3]])  # adapter 0 has no LoRA at m2: no delta
     torch.testing.assert_close(got.double(), _expected(x, base_out, bias, at_m2), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_with_weights_the_kernel_cannot_read_is_stacked():
+    """One module's weights with a strided shift beside plain ones: the kernels read vectors densely,
+    so the batch's delta stacks (and equals the formula)."""
+    gen = torch.Generator().manual_seed(3)
+    plain, strided = lora_weights(gen, 8), lora_weights(gen, 4)
+    strided = LoraWeights(strided.A, strided.B, strided.scale, shift=torch.randn(2 * OUT, generator=gen)[::2])
+    rows = [plain, strided, None, plain, strided, None, plain, strided]
+    delta = module_delta(rows)
+    assert isinstance(delta, ModuleDelta)
+    x, base_out, bias = _inputs(1, torch.float32)
+    torch.testing.assert_close(delta.apply(x, base_out.clone(), bias).double(), _expected(x, base_out, bias, rows),
+                               atol=1e-5, rtol=1e-5)

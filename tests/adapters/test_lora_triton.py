@@ -170,12 +170,13 @@ def test_the_kernels_compile_for_real_gpus_here(tmp_path):
     assert_compiles(COMPILE, tmp_path)
 
 
-def test_rows_whose_adapter_has_no_lora_at_a_module_stay_as_they_were():
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rows_whose_adapter_has_no_lora_at_a_module_stay_as_they_were(tokens):
     """The modules of a batch share its slots: a slot of rank 0 (its adapter has no LoRA here) adds nothing."""
     slots, by_slot, at_m2 = shared_slots((IN, OUT), DEVICE)
     deltas = TritonDelta.build_all(slots, by_slot, set())
     assert deltas["m1"].slot_of_row is deltas["m2"].slot_of_row
-    x, base_out, bias = (t[:5] if t.dim() > 1 else t for t in _inputs(1, torch.float32))
+    x, base_out, bias = (t[:5] if t.dim() > 1 else t for t in _inputs(tokens, torch.float32))
     got = deltas["m2"].apply(x, base_out.clone(), bias)
     assert torch.equal(got[[0, 1, 3]], base_out[[0, 1, 3]])
     torch.testing.assert_close(got, _reference(at_m2, x, base_out, bias), atol=1e-5, rtol=1e-5)

@@ -63,9 +63,11 @@ def test_packed_inputs_are_the_eager_steps_plus_padding():
 
 
 class Replayed:
-    """The CPU's stand-in for a captured graph: a replay runs the forward again over the static buffers."""
+    """The CPU's stand-in for a captured graph: a replay runs the forward again over the static buffers,
+    and leaves the LoRA context as it found it, as a graph's replay does (it runs no Python)."""
 
     captures = 0
+    ctx = None  # the engine's LoraContext
 
     def __init__(self, forward) -> None:
         Replayed.captures += 1
@@ -75,7 +77,9 @@ class Replayed:
 
     def replay(self) -> None:
         self.replays += 1
+        before = self.ctx.plan, self.ctx.gate
         self.out.copy_(self.forward())
+        self.ctx.plan, self.ctx.gate = before
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +97,7 @@ def _run(base, adapters, *phases, graphs=None, batch=8, new_tokens=12) -> tuple[
                     Metrics())
     if graphs is not None:
         engine.graphs = DecodeGraphs(engine.prefiller, batch, graphs)
+        Replayed.ctx = engine.prefiller.lora_ctx
         engine.clock.every = 1 << 30  # no step's adapter time measured (on CUDA 1 in 32): LoRA steps may replay
     engine.start()
     engine.ready.wait()
@@ -161,13 +166,34 @@ def test_one_graph_serves_every_composition_of_its_lora_layout(setup, monkeypatc
     assert graphs.on and calls["fill"] > calls["blank"] > 0  # a capture fills its blank tables; more: refills
 
 
-def test_bottleneck_rows_run_eagerly(setup):
+def test_bottleneck_rows_run_eagerly(setup, monkeypatch):
     base, adapters = setup
-    jobs = [("seq_bn-rf16", "none", 6), (None, "none", 4)]
+    jobs = [("seq_bn-rf16", "none", 6), (None, "none", 4), (None, "none", 50)]
     want, _ = _run(base, adapters, jobs)
-    Replayed.captures = 0
-    got, graphs = _run(base, adapters, [jobs[0]], graphs=Replayed)
-    assert got == want[:1] and Replayed.captures == 0
+    graphed = []
+    logits = DecodeGraphs.logits
+    monkeypatch.setattr(DecodeGraphs, "logits", lambda self, batch: graphed.append(batch.kinds()) or logits(self, batch))
+    got, _ = _run(base, adapters, jobs, graphs=Replayed)
+    assert got == want
+    assert graphed and not any("bottleneck" in kinds for kinds in graphed)
+
+
+def test_a_lora_on_the_head_is_applied_after_the_replay(setup, tmp_path, caplog):
+    """The head runs after the graph, eagerly: with the batch's own LoRA plan, not whatever plan the
+    last eager forward (a chunk of another request's prompt) left in the context."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(LLAMA)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    get_peft_model(hf, config).save_pretrained(tmp_path / "head", save_embedding_layers=False)
+    base, adapters = setup
+    adapters = adapters | {"head": load(base, "head", tmp_path / "head")}
+    jobs = [("head", "unmerged", 3), ("head", "unmerged", 9), (None, "none", 5), ("head", "unmerged", 90)]
+    want, _ = _run(base, adapters, jobs, new_tokens=30)
+    with caplog.at_level(logging.WARNING):
+        got, graphs = _run(base, adapters, jobs, graphs=Replayed, new_tokens=30)
+    assert got == want and graphs.on
+    assert not [r.message for r in caplog.records if r.levelno >= logging.WARNING]  # no step fell back
 
 
 class Wrong(Replayed):
