@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=16, description="padded tokens in one prefill forward")
     prefill_chunk_tokens: int = Field(0, ge=0, description="prompts longer than this are prefilled one chunk per "
                                       "decode step (0: 32 on CPU, 512 on CUDA)")
-    cuda_graphs: bool = Field(True, description="CUDA: decode steps without unmerged LoRA or bottleneck rows "
-                              "replay captured graphs")
+    cuda_graphs: bool = Field(True, description="CUDA: decode steps without bottleneck or aLoRA rows replay "
+                              "captured graphs")
     kv_block_tokens: int = Field(16, ge=1, le=1024, description="positions per KV-cache block (paged cache)")
     max_waiting: int = Field(256, ge=1, description="queued requests before 429")
     max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask")

@@ -69,7 +69,7 @@ class EngineSettings:
     prefill_chunk_tokens: int = 0  # prompts longer than this are prefilled a chunk per step; 0: by device
     kv_block_tokens: int = 16  # positions per KV-cache block
     threads: int = 0  # CPU threads of the engine's ops, the other threads' default left at one; 0: as they are
-    cuda_graphs: bool = True  # on CUDA, decode steps without unmerged LoRA or bottleneck rows replay graphs
+    cuda_graphs: bool = True  # on CUDA, decode steps replay captured graphs where they can (engine/graphs.py)
 
 
 class Engine:
