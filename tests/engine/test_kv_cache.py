@@ -39,6 +39,23 @@ def test_blocks_are_fitted_released_and_come_back_zeroed():
     assert torch.all(cache.pool[:, :, NULL_BLOCK] == 0)
 
 
+def test_a_step_reads_a_rows_blocks_as_they_are_now():
+    """A table's tensor is made once per change of its blocks: a step after a fit, a reuse of cached
+    prompt blocks or a release reads the blocks the row holds then."""
+    cache = _cache(initial_blocks=8)
+    row = BlockTable()
+    cache.fit(row, 17)
+    assert cache.step([row], [16], 1).table.tolist() == [row.blocks]
+    cache.fit(row, 40)  # a third block
+    assert cache.step([row], [39], 1).table.tolist() == [row.blocks] and len(row.blocks) == 3
+    held = row.blocks
+    row.blocks = held[1:]  # assigned, as a prompt-cache reuse does
+    assert cache.step([row], [20], 1).table.tolist() == [held[1:]]
+    row.blocks = held
+    cache.release(row)
+    assert row.row().tolist() == []
+
+
 def test_prefix_written_and_read_back_through_the_blocks():
     cache = _cache()
     keys = [torch.randn(2, 37, 4) for _ in range(2)]  # [Hkv, P, D] per layer
