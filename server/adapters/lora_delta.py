@@ -232,8 +232,7 @@ class _SlotTable:
     @classmethod
     def build(cls, per_row: list[LoraWeights | None], gated: bool = False):
         """The delta of one module alone, each distinct weights of `per_row` a slot."""
-        distinct, slots = assign_slots(per_row)
-        return cls.build_all(slots, {"": distinct}, {""} if gated else set())[""]
+        return cls.build_all(*_alone(per_row, gated))[""]
 
     @classmethod
     def build_all(cls, slots: list[int], by_slot: dict[str, list[LoraWeights | None]], gated: set[str]) -> dict:
@@ -337,8 +336,13 @@ def _kind(weights: list[LoraWeights]) -> type[SlotDelta | TritonDelta | ModuleDe
 def module_delta(per_row: list[LoraWeights | None], gated: bool = False) -> SlotDelta | TritonDelta | ModuleDelta:
     """The delta of one module over a batch (per_row[i]: row i's weights, None: no delta), as
     `slot_deltas` gives it, each distinct weights a slot."""
+    return slot_deltas(*_alone(per_row, gated))[""]
+
+
+def _alone(per_row: list[LoraWeights | None], gated: bool) -> tuple[list[int], dict, set[str]]:
+    """One module's rows as `slot_deltas` takes a batch's, under the name "": each distinct weights a slot."""
     distinct, slots = assign_slots(per_row)
-    return slot_deltas(slots, {"": distinct}, {""} if gated else set())[""]
+    return slots, {"": distinct}, {""} if gated else set()
 
 
 @cache

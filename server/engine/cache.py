@@ -259,7 +259,7 @@ class KVCache:
     def _slots(self, table: BlockTable, length: int) -> tuple[Tensor, Tensor]:
         """(block, offset) of a row's positions 0..length-1, [P] each."""
         positions = torch.arange(length, device=self.device)  # [P]
-        blocks = torch.tensor(table.blocks, dtype=torch.long, device=self.device)
+        blocks = table.row().to(self.device)
         return blocks[positions // self.block_tokens], positions % self.block_tokens
 
 
