@@ -3,7 +3,8 @@
 Loop: run the calls other threads handed in (adapter placement, DoRA norms), take new requests,
 let the scheduler pick who joins (switching merged phases when the batch is empty), prefill the
 joiners together (prompts longer than a chunk: one chunk per iteration, server/engine/chunks.py),
-run one decode step for every row, emit tokens to each request's asyncio queue, drop finished rows.
+run one decode step for every row, drop finished rows; after each stage the requests' events go to
+their asyncio queues, one hand-over per event loop (server/engine/outbox.py).
 The event loop only submits requests and awaits their events.
 
 Faults stay with their request. Whatever raises while admitting, prefilling, decoding or
@@ -35,6 +36,7 @@ from server.engine.clock import AdapterClock
 from server.engine.faults import describe, failed, non_finite
 from server.engine.graphs import DecodeGraphs, cuda_capture, uncapturable
 from server.engine.logprobs import TokenLogprob, token_logprobs
+from server.engine.outbox import Outbox
 from server.engine.phases import Phases
 from server.engine.prefill import Prefiller
 from server.engine.records import record_adapter_time, record_finished
@@ -102,6 +104,7 @@ class Engine:
         self._stopping = False
         self._abort: ShuttingDownError | None = None  # set past the shutdown timeout: end every request
         self._joining: list[Request] = []  # admitted this iteration, not yet rows of the batch
+        self.outbox = Outbox()  # the requests' events, handed to their loops after each stage
         self.phases = Phases(base, self.scheduler, metrics, self._fail_waiting)
         self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
         self.calls = EngineCalls(self._thread, self._wake)
@@ -185,9 +188,12 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - a failed step must not kill the server
                     log.exception("engine step failed where no row could be blamed; ending the rows of this step")
                     self._fail_step(exc)
+                finally:
+                    self.outbox.flush()
             if self._abort is not None:
                 self._end_everything(self._abort)
             self.phases.switch(SHARED)
+            self.outbox.flush()
             self.calls.run_pending()
 
     def _done(self) -> bool:
@@ -217,8 +223,10 @@ class Engine:
                     whole.append(req)
             self._prefill(whole)
             self._joining = []
+            self.outbox.flush()  # first tokens out before the decode step
         if self.chunked:
             self._prefill_chunk()
+            self.outbox.flush()
         if self.batch:
             self._decode()
         self.metrics.set_queue(len(self.batch), self._pending)
@@ -277,7 +285,7 @@ class Engine:
         for req, length, score in zip(group, lengths, scores):
             self.batch.join(req, length)
             if score is not None:
-                req.emit(PromptLogprobsEvent(tuple(score)))
+                self.outbox.put(req, PromptLogprobsEvent(tuple(score)))
         live = [i for i, r in enumerate(group) if r.params.max_new_tokens > 0]  # 0: scored only, never sampled
         rows = [group[i] for i in live]
         self._sample(rows, logits if len(live) == len(group) else logits[live], scored_rows(rows))
@@ -359,7 +367,7 @@ class Engine:
         if req.first_token is None:
             req.first_token = time.perf_counter()
         req.output_ids.append(token)
-        req.emit(TokenEvent(token, logprob))
+        self.outbox.put(req, TokenEvent(token, logprob))
 
     def _drop_finished(self) -> None:
         for i in range(len(self.batch) - 1, -1, -1):
@@ -395,7 +403,7 @@ class Engine:
             return
         req.finished = True
         self.cache.release(req.kv)
-        req.emit(DoneEvent(reason, error, req.cached_tokens))
+        self.outbox.put(req, DoneEvent(reason, error, req.cached_tokens))
         self._release(req)
         record_finished(self.metrics, req, status)
 

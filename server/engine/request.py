@@ -91,11 +91,3 @@ class Request:
     def phase(self) -> str:
         """Requests of one phase may share a batch: all unmerged ones, or one merged adapter's."""
         return f"merged:{self.adapter.name}" if self.mode == "merged" and self.adapter else "shared"
-
-    def emit(self, event: Event) -> None:
-        """Thread-safe: hand an event to the request's asyncio queue (dropped if its loop has closed:
-        nobody is left to read it, and the engine thread must not die of it)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # "Event loop is closed"
-            self.cancelled = True

@@ -1,0 +1,107 @@
+"""The engine hands events to the requests' event loops in batches (engine/outbox.py): every request
+gets all its events, in order, and a loop is woken once per hand-over, not once per token."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+
+from server.engine.engine import Engine, EngineSettings
+from server.engine.outbox import Outbox
+from server.engine.request import DoneEvent, Request, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.metrics import Metrics
+from server.model import load_base_model
+from tests.conftest import LLAMA
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the calls handed to it from other threads (each one a wake-up)."""
+
+    handovers = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.handovers += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def _request(loop: asyncio.AbstractEventLoop) -> Request:
+    return Request([1, 2], SamplingParams(max_new_tokens=4), None, "none", loop, asyncio.Queue())
+
+
+def test_one_flush_wakes_each_loop_once_and_keeps_each_requests_order():
+    loop = CountingLoop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        reqs = asyncio.run_coroutine_threadsafe(_requests(loop, 3), loop).result(5)
+        outbox = Outbox()
+        for token in range(5):
+            for req in reqs:
+                outbox.put(req, TokenEvent(token))
+        for req in reqs:
+            outbox.put(req, DoneEvent("length"))
+        before = loop.handovers
+        outbox.flush()
+        outbox.flush()  # nothing held: no wake-up
+        assert loop.handovers - before == 1
+        got = [asyncio.run_coroutine_threadsafe(_drain(req), loop).result(5) for req in reqs]
+        assert got == [[0, 1, 2, 3, 4, "length"]] * 3
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def _requests(loop: asyncio.AbstractEventLoop, n: int) -> list[Request]:
+    return [_request(loop) for _ in range(n)]
+
+
+async def _drain(req: Request) -> list:
+    events = []
+    while not events or not isinstance(events[-1], DoneEvent):
+        events.append(await req.queue.get())
+    return [e.finish_reason if isinstance(e, DoneEvent) else e.token_id for e in events]
+
+
+def test_a_closed_loop_cancels_its_requests_and_spares_the_others():
+    closed, live = asyncio.new_event_loop(), CountingLoop()
+    closed.close()
+    gone, waiting = _request(closed), _request(live)
+    outbox = Outbox()
+    outbox.put(gone, TokenEvent(7))
+    outbox.put(waiting, TokenEvent(8))
+    outbox.flush()  # does not raise
+    assert gone.cancelled and not waiting.cancelled
+    live.run_until_complete(asyncio.sleep(0))  # runs the hand-over
+    assert waiting.queue.get_nowait() == TokenEvent(8)
+    live.close()
+
+
+def test_a_decode_step_of_many_rows_wakes_the_loop_once():
+    """16 rows of 12 tokens: each gets its 12 tokens and then its end, and the loop is woken a few
+    times per engine iteration (after the prefill, after the decode step), not once per token."""
+    base = load_base_model(LLAMA, device="cpu", dtype="float32")
+    engine = Engine(base, EngineSettings(max_batch_size=16), Metrics())
+    engine.start()
+    engine.ready.wait()
+    loop = CountingLoop()
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    async def one(seed: int) -> tuple[int, bool]:
+        prompt = torch.randint(2, 200, (5 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        events = [event async for event in engine.generate(prompt, params, None, "none")]
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        return len(tokens), events[-1] == DoneEvent("length") and events.index(events[-1]) == len(tokens)
+
+    async def every() -> list[tuple[int, bool]]:
+        return await asyncio.gather(*(one(seed) for seed in range(16)))
+
+    try:
+        results = loop.run_until_complete(every())
+    finally:
+        engine.stop(30)
+        loop.close()
+    assert results == [(12, True)] * 16
+    assert loop.handovers <= 2 * 12 + 4  # 16 x 13 = 208 events; one hand-over each before
