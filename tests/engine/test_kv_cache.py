@@ -56,6 +56,25 @@ def test_a_step_reads_a_rows_blocks_as_they_are_now():
     assert row.row().tolist() == []
 
 
+def test_a_step_fits_the_rows_that_need_a_block_and_refuses_a_row_past_the_context():
+    """A decode step gives a block to the rows crossing into one, and to those only; a row past the
+    context is refused even where its last block would hold the position."""
+    cache = KVCache(n_layers=1, n_kv_heads=1, head_dim=4, max_len=40, dtype=torch.float32,
+                    device=torch.device("cpu"), block_tokens=B, initial_blocks=8)
+    crossing, inside = BlockTable(), BlockTable()
+    cache.fit(crossing, 16)
+    cache.fit(inside, 3)
+    shape = cache.step([crossing, inside], [16, 3], 1)
+    assert (len(crossing.blocks), len(inside.blocks)) == (2, 1)
+    assert shape.slot_blocks.tolist() == [crossing.blocks[1], inside.blocks[0]]
+    last = BlockTable()
+    cache.fit(last, 40)  # three blocks: room for 48 positions, a context of 40
+    with pytest.raises(ValueError, match="exceeds the context length 40"):
+        cache.step([last], [40], 1)
+    with pytest.raises(ValueError, match="exceeds the context length 40"):
+        cache.decode_inputs([last], [40], [5], 1, 4)
+
+
 def test_prefix_written_and_read_back_through_the_blocks():
     cache = _cache()
     keys = [torch.randn(2, 37, 4) for _ in range(2)]  # [Hkv, P, D] per layer
