@@ -1,6 +1,6 @@
 """The engine on a GPU, in-process, against the memory floor and HF `generate` (issue 14).
 
-    python -m load_tests.gpu [--concurrency 1 32 128] [--tokens 64] [--json out.json]
+    python -m load_tests.gpu [--concurrency 32 1 128] [--tokens 64] [--json out.json]
     python -m load_tests.gpu --tiny ...      # a tiny Llama on the CPU (what the test suite runs)
 
 Builds a random-init bf16 Llama-3-8B-shaped model in memory (no download), writes random adapters
@@ -66,7 +66,8 @@ class Run:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama (CPU: fp32; what the test runs)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 1, 128],
+                        help="run in this order (the goals are at 32: first, should a time limit cut the run)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
@@ -264,7 +265,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = build_base(args.tiny, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in base.hf.parameters())
     floor_ms = 1000 * weight_bytes / copy_bandwidth(device)
-    peers = [hf_generate(base, n, args.tokens) for n in args.concurrency]
+    print(f"memory floor {floor_ms:.2f} ms a step ({weight_bytes / 1e9:.2f} GB of weights)", file=sys.stderr, flush=True)
+    peers = []
+    for n in args.concurrency:  # each printed as it comes: a run cut off by its time limit keeps what it measured
+        peers.append(hf_generate(base, n, args.tokens))
+        _print(peers[-1])
     with tempfile.TemporaryDirectory(prefix="hotswap-gpu-") as scratch:
         root = Path(scratch)
         adapters = {f"lora-{i}": load(base, f"lora-{i}", write_lora(root / f"lora-{i}", base, i)) for i in range(N_LORAS)}
