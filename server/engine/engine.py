@@ -180,6 +180,8 @@ class Engine:
             threads.claim(self.settings.threads)
         with torch.inference_mode():
             self.prefiller.warm_up()
+            if self.graphs is not None:
+                self.graphs.warm_up()
             self.ready.set()
             while not self._done():
                 self._wait_for_work()

@@ -7,7 +7,8 @@ call. A graph is captured per bucket: the rows padded up to a power of two (at m
 context). It reads its inputs from static buffers (`StepBuffers`: ids, positions, lengths, where
 each new k/v goes, the block table) that each step refills with one copy from the host; padding
 rows write their k/v to the sink block and read the null block, so they touch no row's values.
-Buckets are captured lazily, on the first step that needs them, into one shared memory pool. A
+Buckets are captured lazily, on the first step that needs them, into one shared memory pool (the
+smallest, one row of one block, when the engine starts: a capture that fails shows then). A
 graph ends at the final hidden states: the head runs eagerly (one GEMM), so no bucket holds a
 [rows, vocabulary] output of its own.
 
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from server.adapters.lora import LoraPlan
 from server.adapters.lora_delta import CHECK_TOLERANCE, SlotDelta, SlotTables, TritonDelta
 from server.engine.batch import Batch, Plans
-from server.engine.cache import KVCache, StepShape
+from server.engine.cache import BlockTable, KVCache, StepShape
 from server.engine.prefill import Prefiller
 from server.residual import PLAIN
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 CHECKED_REPLAYS = 2  # of each graph: on the inputs it was captured with, then on the next step's
 MIN_RANK = 16  # the least R a graph's LoRA kernels are captured with
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # configs' expert counts
+NO_ADAPTERS = Plans(None, PLAIN)  # the plans of a step of base rows
 
 
 class Graph(Protocol):
@@ -155,6 +157,18 @@ class DecodeGraphs:
         self._graphs: dict[Key, _Captured] = {}
         self._generation = self.cache.generation  # of the KV pool they read
         self._layout: tuple[weakref.ref[Plans], tuple | None] = (lambda: None, None)  # the last plans' layout
+
+    def warm_up(self) -> None:
+        """Capture the smallest bucket (one row, one block, no LoRA) over a scratch row and check its
+        first replay, so that a capture that fails shows when the server starts (one warning, eager
+        decoding from then on), not at the first request. The bucket then serves steps of one short row."""
+        table = BlockTable()
+        try:
+            self._capture((1, 1, None), self.cache.decode_inputs([table], [0], [0], 1, 1), NO_ADAPTERS)
+        except Exception as exc:  # noqa: BLE001 - the eager step itself raised: graphs off, the engine starts
+            self._off(f"the start-up capture's eager step raised {exc!r}")
+        finally:
+            self.cache.release(table)
 
     def serves(self, batch: Batch, measured: bool) -> bool:
         """Whether this step's rows can replay a graph: no bottleneck or aLoRA row, and unmerged LoRA

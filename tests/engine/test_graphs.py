@@ -242,6 +242,27 @@ def test_a_grown_pool_drops_the_graphs(setup):
     assert Replayed.captures > len(graphs._graphs)  # those captured before it grew were dropped
 
 
+@pytest.mark.parametrize("capture", [Replayed, Wrong, refuse])
+def test_the_smallest_bucket_is_captured_and_checked_when_the_engine_starts(setup, caplog, capture):
+    """Before any request: one row of one block captured and its replay checked (a capture that fails
+    or differs turns graphs off then, with one warning), the scratch row's block given back."""
+    base, _ = setup
+    engine = Engine(base, EngineSettings(max_batch_size=4, cuda_graphs=False), Metrics())
+    engine.graphs = DecodeGraphs(engine.prefiller, 4, capture)
+    Replayed.ctx = engine.prefiller.lora_ctx
+    with caplog.at_level(logging.WARNING, logger="server.engine.graphs"):
+        engine.start()
+        engine.ready.wait()
+        engine.stop(30)
+    offs = [r.message for r in caplog.records if "CUDA graphs off" in r.message]
+    assert engine.cache.blocks_used == 0
+    if capture is Replayed:
+        assert engine.graphs.on and list(engine.graphs._graphs) == [(1, 1, None)] and not offs
+        assert engine.graphs._graphs[(1, 1, None)].graph.replays == 1
+    else:
+        assert not engine.graphs.on and len(offs) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_replay_what_eager_decodes(dtype):
