@@ -48,7 +48,7 @@ def check(base_name: str, dtype: str) -> bool:
     metrics = Metrics()
     engine = Engine(base, EngineSettings(max_batch_size=64), metrics)
     engine.start()
-    engine.ready.wait()
+    engine.wait_ready()
     jobs = [(None, "none", p, o) for p, o in zip(prompts, base_outputs)]
     for name, _, outputs in cases:
         modes = ["unmerged", "merged"] if held[name].kind == "lora" else ["none"]

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     engine = Engine(base, EngineSettings(max_batch_size=longest, max_batch_tokens=longest * 4096,
                                          max_waiting=4 * longest), Metrics())
     engine.start()
-    engine.ready.wait()
+    engine.wait_ready()
     try:
         runs = asyncio.run(run_all(engine, adapters, args, base.geometry.vocab))
     finally:

@@ -62,7 +62,7 @@ def main() -> None:
     base, alora = bench_alora(args.models)
     engine = Engine(base, EngineSettings(max_prefill_tokens=4096, prefill_chunk_tokens=4096), Metrics())
     engine.start()
-    engine.ready.wait()
+    engine.wait_ready()
     try:
         times = asyncio.run(rounds(engine, alora, args))
     finally:

@@ -76,7 +76,7 @@ async def _lifespan(app: FastAPI):
     metrics.watch_gateway(lambda: gateway_state(engine, registry))  # vllm:* series for the Gateway API
     app.state.started_at = time.time()
     await registry.preload_pinned()
-    await asyncio.to_thread(engine.ready.wait)
+    await asyncio.to_thread(engine.wait_ready)
     log.info("ready: %s with %d adapters", base.name, len(registry.all()))
     polls = settings.shared_store and settings.store_poll_s > 0
     poll = asyncio.create_task(_poll_store(registry, settings.store_poll_s)) if polls else None

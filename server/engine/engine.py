@@ -57,6 +57,11 @@ from server.model import BaseModel
 
 log = logging.getLogger(__name__)
 ABORT_JOIN_S = 10.0  # after the shutdown timeout: how long the thread gets to end the rows left
+READY_POLL_S = 0.2  # wait_ready: how often it checks that the thread still runs
+
+
+class EngineStartError(RuntimeError):
+    """The engine thread ended while warming up (a first forward or graph capture raised)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Engine:
         self.calls = EngineCalls(self._thread, self._wake)
         self.call = self.calls.call  # what the registry runs here: base weight reads, device placement
         self.ready = threading.Event()
+        self._start_error: Exception | None = None  # what ended the thread before `ready`
 
     # ---- event-loop side -------------------------------------------------------------
 
@@ -129,6 +135,12 @@ class Engine:
                 f"({timeout_s:g}s); retry it on another replica")
             self._wake.set()
             self._thread.join(ABORT_JOIN_S)
+
+    def wait_ready(self) -> None:
+        """Block until the engine thread has warmed up; EngineStartError if it ended first."""
+        while not self.ready.wait(READY_POLL_S):
+            if not self._thread.is_alive():
+                raise EngineStartError(f"the engine thread ended before it was ready: {self._start_error!r}")
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -179,9 +191,12 @@ class Engine:
         if self.settings.threads:
             threads.claim(self.settings.threads)
         with torch.inference_mode():
-            self.prefiller.warm_up()
-            if self.graphs is not None:
-                self.graphs.warm_up()
+            try:
+                self._warm_up()
+            except Exception as exc:  # noqa: BLE001 - reported by wait_ready: the server does not start
+                log.exception("engine warm-up failed")
+                self._start_error = exc
+                return
             self.ready.set()
             while not self._done():
                 self._wait_for_work()
@@ -194,9 +209,17 @@ class Engine:
                     self.outbox.flush()
             if self._abort is not None:
                 self._end_everything(self._abort)
-            self.phases.switch(SHARED)
-            self.outbox.flush()
+                self.outbox.flush()  # before the restore, which may raise
+            try:
+                self.phases.switch(SHARED)
+            finally:
+                self.outbox.flush()
             self.calls.run_pending()
+
+    def _warm_up(self) -> None:
+        self.prefiller.warm_up()
+        if self.graphs is not None:
+            self.graphs.warm_up()
 
     def _done(self) -> bool:
         idle = not self.batch and not self.chunked and not self.scheduler and self._inbox.empty()
@@ -270,6 +293,7 @@ class Engine:
     def _prefill(self, joiners: list[Request]) -> None:
         for group in self.prefiller.groups(joiners):
             self._prefill_group(group)
+            self.outbox.flush()  # a group's first tokens out before the next group's forward
         self._drop_finished()
 
     def _prefill_group(self, group: list[Request]) -> None:

@@ -100,7 +100,7 @@ def _run(base, adapters, *phases, graphs=None, batch=8, new_tokens=12) -> tuple[
         Replayed.ctx = engine.prefiller.lora_ctx
         engine.clock.every = 1 << 30  # no step's adapter time measured (on CUDA 1 in 32): LoRA steps may replay
     engine.start()
-    engine.ready.wait()
+    engine.wait_ready()
 
     async def one(adapter, mode, n) -> list[int]:
         prompt = torch.randint(2, 4000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -252,7 +252,7 @@ def test_the_smallest_bucket_is_captured_and_checked_when_the_engine_starts(setu
     Replayed.ctx = engine.prefiller.lora_ctx
     with caplog.at_level(logging.WARNING, logger="server.engine.graphs"):
         engine.start()
-        engine.ready.wait()
+        engine.wait_ready()
         engine.stop(30)
     offs = [r.message for r in caplog.records if "CUDA graphs off" in r.message]
     assert engine.cache.blocks_used == 0

@@ -1,14 +1,17 @@
 """The engine hands events to the requests' event loops in batches (engine/outbox.py): every request
-gets all its events, in order, and a loop is woken once per hand-over, not once per token."""
+gets all its events, in order, and a loop is woken once per hand-over, not once per token; a first
+token does not wait for later work. And an engine that cannot warm up is reported, not waited for."""
 from __future__ import annotations
 
 import asyncio
 import threading
 
+import pytest
 import torch
 
-from server.engine.engine import Engine, EngineSettings
+from server.engine.engine import Engine, EngineSettings, EngineStartError
 from server.engine.outbox import Outbox
+from server.engine.prefill import Prefiller
 from server.engine.request import DoneEvent, Request, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
@@ -85,7 +88,7 @@ def test_a_decode_step_of_many_rows_wakes_the_loop_once():
     base = load_base_model(LLAMA, device="cpu", dtype="float32")
     engine = Engine(base, EngineSettings(max_batch_size=16), Metrics())
     engine.start()
-    engine.ready.wait()
+    engine.wait_ready()
     loop = CountingLoop()
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -105,3 +108,45 @@ def test_a_decode_step_of_many_rows_wakes_the_loop_once():
         loop.close()
     assert results == [(12, True)] * 16
     assert loop.handovers <= 2 * 12 + 4  # 16 x 13 = 208 events; one hand-over each before
+
+
+def test_a_prefill_groups_first_tokens_go_out_before_the_next_groups_forward(monkeypatch):
+    """Joiners prefilled in two groups (--max-prefill-tokens fits one prompt): the first group's first
+    token is handed to its loop before the second group's forward runs, not after."""
+    base = load_base_model(LLAMA, device="cpu", dtype="float32")
+    engine = Engine(base, EngineSettings(max_batch_size=4, max_prefill_tokens=40, prefill_chunk_tokens=64), Metrics())
+    loop = CountingLoop()
+    seen = []
+    prefill = Prefiller.prefill
+    monkeypatch.setattr(Prefiller, "prefill", lambda self, group: seen.append(loop.handovers) or prefill(self, group))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+
+    async def one(seed: int) -> int:
+        prompt = torch.randint(2, 200, (30,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return len([e async for e in engine.generate(prompt, params, None, "none") if isinstance(e, TokenEvent)])
+
+    async def both() -> list[int]:
+        jobs = [asyncio.ensure_future(one(seed)) for seed in (0, 1)]
+        await asyncio.sleep(0.05)  # both submitted before the engine runs: they join in one iteration
+        engine.start()
+        return await asyncio.gather(*jobs)
+
+    try:
+        assert loop.run_until_complete(both()) == [3, 3]
+    finally:
+        engine.stop(30)
+        loop.close()
+    assert len(seen) == 2 and seen[1] > seen[0]  # the first group's events went out between the two
+
+
+def test_an_engine_that_fails_to_warm_up_is_reported_not_waited_for(monkeypatch):
+    base = load_base_model(LLAMA, device="cpu", dtype="float32")
+
+    def broken(self) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Prefiller, "warm_up", broken)
+    engine = Engine(base, EngineSettings(), Metrics())
+    engine.start()
+    with pytest.raises(EngineStartError, match="illegal memory access"):
+        engine.wait_ready()
