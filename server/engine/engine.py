@@ -248,7 +248,6 @@ class Engine:
                     whole.append(req)
             self._prefill(whole)
             self._joining = []
-            self.outbox.flush()  # first tokens out before the decode step
         if self.chunked:
             self._prefill_chunk()
             self.outbox.flush()
@@ -295,6 +294,7 @@ class Engine:
             self._prefill_group(group)
             self.outbox.flush()  # a group's first tokens out before the next group's forward
         self._drop_finished()
+        self.outbox.flush()  # and the ends (set-up failures, requests done at their first token) before the decode step
 
     def _prefill_group(self, group: list[Request]) -> None:
         """Prefill a group into the next cache rows; if it raises, each row alone, so only the faulty one fails."""
