@@ -18,25 +18,25 @@ again cannot be taken for the parent of its old children.
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+
+from server.adapters.identity import serial
 
 VIRTUAL = -1  # a soft prompt's virtual position in a chain's tokens
 ROOT = -1  # the serial before a prompt's first block
 
 Context = Hashable | None  # None: the base model
 Link = tuple[Context, tuple[int, ...]]  # one block: its context and its B tokens
-_serials = itertools.count()
-_contexts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> its serial, for as long as it lives
+_serials = itertools.count()  # of blocks' entries
 
 
 def context(adapter: object | None, mode: str) -> Context:
     """What a row's KV depends on besides its tokens."""
     if adapter is None:
         return None
-    return _contexts.setdefault(adapter, next(_serials)), mode
+    return serial(adapter), mode
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from server.adapters.alora import row_start
 from server.adapters.composition import NO_PARTS, Parts
+from server.adapters.identity import serial
 from server.engine.cache import BlockTable
 from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
@@ -89,5 +90,8 @@ class Request:
 
     @property
     def phase(self) -> str:
-        """Requests of one phase may share a batch: all unmerged ones, or one merged adapter's."""
-        return f"merged:{self.adapter.name}" if self.mode == "merged" and self.adapter else "shared"
+        """Requests of one phase may share a batch: all unmerged ones, or one merged adapter's, by
+        identity (a replaced adapter's new version is another phase than its old one's, still merged)."""
+        if self.mode == "merged" and self.adapter:
+            return f"merged:{self.adapter.name}#{serial(self.adapter)}"
+        return "shared"

@@ -2,7 +2,8 @@
 
 Requests of one phase share a batch: every unmerged request (base, unmerged LoRA,
 soft prompt, bottleneck) is phase "shared"; merged-LoRA requests of adapter X are
-phase "merged:X", alone in the batch while X is folded into the base weights.
+phase "merged:X#n", alone in the batch while X is folded into the base weights (n: that version
+of X, server/adapters/identity.py, so a replaced X's new version never joins its old one's phase).
 
 Fairness: once a request of another phase waits, the current phase admits new
 requests for at most `quantum_s` more; then it drains, and the next phase is the

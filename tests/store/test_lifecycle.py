@@ -17,6 +17,7 @@ from tests.store.helpers import (
     BN_BIN,
     BN_ST,
     LORA,
+    LORA_ALL,
     PROMPT,
     folder_files,
     outputs,
@@ -54,30 +55,35 @@ def test_restart_keeps_adapters_and_outputs(tmp_path):
         assert outputs(srv, "l", PEFT["prompts"], mode="merged") == PEFT["adapters"]["lora-qv-r8"]["outputs"]
 
 
+def _streams(srv, adapters: list[str], body: dict) -> tuple[list[threading.Thread], list]:
+    """One streaming request per adapter name, each in its thread, all decoding when this returns;
+    results[i] becomes (status, its last event, when it ended) once its thread ends."""
+    started, results = [threading.Event() for _ in adapters], [None] * len(adapters)
+
+    def stream(i: int) -> None:
+        with srv.client() as c, c.stream("POST", "/generate", params={"adapter": adapters[i]},
+                                         json={**body, "stream": True}) as r:
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    started[i].set()
+            results[i] = (r.status_code, events[-1], time.monotonic())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(adapters))]
+    for t in threads:
+        t.start()
+    assert all(e.wait(60) for e in started)
+    return threads, results
+
+
 def test_delete_and_replace_while_16_requests_use_them(tmp_path):
     long = {"prompt_token_ids": PEFT["prompts"][0], "max_new_tokens": 160, "ignore_eos": True}
     with live_server(tmp_path, model=LLAMA) as srv, srv.client() as c:
         for name in ("doomed", "swapped"):
             assert upload(c, name, files=folder_files(PROMPT)).status_code == 201
         old = srv.generate("swapped", **long)["token_ids"]
-        names = ["doomed", "swapped"] * 8
-        started = [threading.Event() for _ in names]
-        results: list = [None] * len(names)
-
-        def stream(i: int) -> None:
-            with srv.client() as cc, cc.stream("POST", "/generate", params={"adapter": names[i]},
-                                               json={**long, "stream": True}) as r:
-                events = []
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(json.loads(line[6:]))
-                        started[i].set()
-                results[i] = (r.status_code, events[-1], time.monotonic())
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(names))]
-        for t in threads:
-            t.start()
-        assert all(e.wait(60) for e in started)
+        threads, results = _streams(srv, ["doomed", "swapped"] * 8, long)
         assert [c.get(f"/adapters/{n}").json()["in_use"] for n in ("doomed", "swapped")] == [8, 8]
 
         assert c.delete("/adapters/doomed").status_code == 200
@@ -96,6 +102,25 @@ def test_delete_and_replace_while_16_requests_use_them(tmp_path):
         registry = srv.app.state.registry
         assert registry.resident_count() == 1  # the old versions went when their last request ended
         assert not (srv.app.state.settings.store / "doomed").exists()
+
+
+
+def test_a_lora_replaced_while_merged_serves_its_new_weights_merged(tmp_path):
+    """The old version stays merged for the requests that began with it; the new version's merged
+    requests wait for their own merge instead of joining the old one's batch."""
+    long = {"prompt_token_ids": PEFT["prompts"][0], "max_new_tokens": 400, "ignore_eos": True, "mode": "merged"}
+    with live_server(tmp_path, model=LLAMA) as srv, srv.client() as c:
+        assert upload(c, "swapped", files=folder_files(LORA)).status_code == 201
+        old = srv.generate("swapped", **long)["token_ids"]
+        threads, results = _streams(srv, ["swapped"] * 4, long)
+        assert upload(c, "swapped", files=folder_files(LORA_ALL), replace=True).status_code == 201
+        asked_at = time.monotonic()
+        assert outputs(srv, "swapped", PEFT["prompts"], mode="merged") == PEFT["adapters"]["lora-all-r16"]["outputs"]
+        for t in threads:
+            t.join(120)
+        for status, final, done_at in results:
+            assert status == 200 and final["token_ids"] == old  # the weights each started with, merged
+            assert done_at > asked_at  # they were decoding merged when the new version was asked for
 
 
 def _seed_thousand(store_root, n: int = 1000) -> list[str]:
