@@ -33,7 +33,7 @@ from server.engine.cache import KVCache, initial_blocks
 from server.engine.calls import EngineCalls
 from server.engine.chunks import ChunkedPrefill, chunk_tokens
 from server.engine.clock import AdapterClock
-from server.engine.faults import describe, failed, non_finite
+from server.engine.faults import describe, failed, non_finite, step_failed
 from server.engine.graphs import DecodeGraphs, cuda_capture, uncapturable
 from server.engine.logprobs import TokenLogprob, token_logprobs
 from server.engine.outbox import Outbox
@@ -431,11 +431,14 @@ class Engine:
         self.cache.release(req.kv)
         self.outbox.put(req, DoneEvent(reason, error, req.cached_tokens))
         self._release(req)
-        record_finished(self.metrics, req, status)
+        try:
+            record_finished(self.metrics, req, status)
+        except Exception:  # noqa: BLE001 - it has ended; a fault in its metrics must not end the other rows
+            log.exception("recording the metrics of request %d failed", req.id)
 
     def _fail_step(self, exc: Exception) -> None:
         """A fault no row could be blamed for: end the rows of this step (running and joining), not the waiting."""
-        error = failed("the engine step", exc)
+        error = step_failed(exc)
         active = self.chunked.drop_active()
         for req in self._joining + ([active] if active else []):
             self._finish(req, "error", status="error", error=error)

@@ -20,6 +20,14 @@ def failed(stage: str, exc: Exception) -> HotswapError:
     return RequestFailedError(f"{stage} failed for this request ({describe(exc)}); other requests were not affected")
 
 
+def step_failed(exc: Exception) -> HotswapError:
+    """The error of each row of a step that raised where no single row could be blamed."""
+    if isinstance(exc, HotswapError):
+        return exc
+    return RequestFailedError(f"the engine step failed ({describe(exc)}) where no single request could be blamed; "
+                              "the requests in that step ended, the waiting ones were not affected")
+
+
 def non_finite(req: Request) -> NonFiniteLogitsError:
     """The error of a row whose logits came out NaN or infinite, naming its adapter."""
     if req.adapter is None:

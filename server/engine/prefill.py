@@ -159,7 +159,7 @@ class Prefiller:
             return start
         held = len(blocks) * b
         req.kv.blocks = blocks
-        req.cached_tokens = held - req.n_virtual
+        req.cached_tokens = max(0, held - req.n_virtual)  # without the prefix cache they may hold virtual positions only
         return held
 
     def publish(self, req: Request) -> None:

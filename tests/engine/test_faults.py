@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from server.adapters import lora_layer
 from server.adapters.bottleneck import BottleneckAdapter
 from server.adapters.bottleneck_layer import SiteSlots
+from server.engine import engine as engine_module
 from server.engine import sampling
 from server.engine.engine import Engine
 from tests.conftest import FIXTURES, LLAMA, live_server, references
@@ -174,6 +175,20 @@ def test_sampler_setup_raising_fails_only_its_request(srv, monkeypatch):
     monkeypatch.setattr(sampling.Sampler, "for_params", staticmethod(for_params))
     [r] = _run_with_victims(srv, [(None, _greedy(REF["prompts"][1], temperature=0.5, seed=667))])
     assert "setting up sampling" in _error(r, 500, "generation_failed")
+
+
+
+def test_recording_a_requests_metrics_raising_fails_no_request(srv, monkeypatch):
+    real = engine_module.record_finished
+
+    def record_finished(metrics, req, status):
+        if req.params.max_new_tokens == 3:
+            raise ValueError("Counters can only be incremented by non-negative amounts (injected)")
+        real(metrics, req, status)
+
+    monkeypatch.setattr(engine_module, "record_finished", record_finished)
+    [r] = _run_with_victims(srv, [(None, {**_greedy(REF["prompts"][2]), "max_new_tokens": 3})])
+    assert r.status_code == 200 and r.json()["token_ids"] == REF["base_outputs"][2][:3]
 
 
 def test_overflowing_adapter_ends_with_non_finite_error_naming_it(srv):

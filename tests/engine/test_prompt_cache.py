@@ -4,6 +4,7 @@ the base's), with the same tokens as computing it; idle blocks are evicted, zero
 grows, and an evicted block's chain is never found again."""
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -185,3 +186,23 @@ def test_padding_past_a_rows_end_is_shown_to_the_model_at_that_rows_last_positio
     cache = KVCache(1, 1, 4, 4096, torch.float32, "cpu", block_tokens=B, initial_blocks=16)
     shape = cache.step([BlockTable(), BlockTable()], [100, 0], 20, ends=[101, 20])
     assert shape.positions.tolist() == [[100] * 20, list(range(20))]
+
+
+
+def test_blocks_of_virtual_positions_only_count_no_prompt_tokens(tmp_path, plain):
+    """Without the prefix cache a soft prompt's virtual positions go into the row's blocks; a later
+    request may reuse blocks that hold only (some of) them: it was served none of its prompt
+    tokens from the cache, and the rows decoding beside it go on unharmed."""
+    with live_server(tmp_path, model=LLAMA, adapter=[f"prompt-16={PEFT / 'prompt-16'}"], prefix_cache=False,
+                     kv_block_tokens=5) as srv:  # prompt-16's 16 virtual positions fill 3 blocks, spill into a 4th
+        base = {"prompt_token_ids": _prompt(20, 4), "max_new_tokens": 300, "ignore_eos": True}
+        want_base = _generate(srv, None, base["prompt_token_ids"], max_new_tokens=300)["token_ids"]
+        _generate(srv, "prompt-16", _prompt(21, 3))  # publishes the 3 blocks of virtual positions
+        with srv.client() as c, c.stream("POST", "/generate", json={**base, "stream": True}) as stream:
+            events = (json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: "))
+            next(events)  # the base row decodes
+            again = _generate(srv, "prompt-16", _prompt(22, 3))  # reuses those 3 blocks: 15 of 16 virtual
+            *_, final = events
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["token_ids"] == _generate(plain, "prompt-16", _prompt(22, 3))["token_ids"]
+    assert final["finish_reason"] == "length" and final["token_ids"] == want_base
