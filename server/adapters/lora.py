@@ -316,7 +316,7 @@ class LoraDraft:
 
     spec: LoraSpec
     modules: dict[str, ModuleDraft]  # Linear / Conv1D modules and MoE routers
-    untouched_biases: dict[str, Tensor]  # file key -> bias of an untargeted module (bias="all")
+    base_copies: dict[str, Tensor]  # file key -> a tensor PEFT saves as the base has it (`_copies_base`)
     experts: dict[str, ExpertsLora]  # fused experts modules: nothing in them depends on the base's values
 
     @property
@@ -338,7 +338,7 @@ def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
     if spec.alora_invocation_tokens:
         check_activation(spec.alora_invocation_tokens, targets, model)
     params = param_targets(spec.target_parameters, named_layers(model), set(targets))
-    parts, extra_biases = _split_keys(read_weights(folder, WEIGHTS_STEM), [*targets, *(p.path for p in params)], model)
+    parts, base_copies = _split_keys(read_weights(folder, WEIGHTS_STEM), [*targets, *(p.path for p in params)], model)
     modules = {name: _module_draft(spec, model, name, parts.get(name, {})) for name in targets}
     experts: dict[str, ExpertsLora] = {}
     for p in params:  # a router's weight: a module LoRA (patterns matched on the parameter's key); experts: 3-D
@@ -346,15 +346,15 @@ def read_lora(folder: Path, model: nn.Module) -> LoraDraft:
             modules[p.module] = _module_draft(spec, model, p.module, parts.get(p.path, {}), key=p.key)
         else:
             experts.setdefault(p.module, {})[p.param] = _expert_lora(spec, model, p, parts.get(p.path, {}))
-    return LoraDraft(spec, modules, extra_biases, experts)
+    return LoraDraft(spec, modules, base_copies, experts)
 
 
 def derive(draft: LoraDraft, model: nn.Module) -> LoraAdapter:
     """What depends on the pristine base weights: bias checks, DoRA norms, bias shifts.
 
     The server runs this on the engine thread only, where no merge can be changing the weights."""
-    for key, tensor in draft.untouched_biases.items():
-        _check_untouched_bias(model, key, tensor)
+    for key, tensor in draft.base_copies.items():
+        _check_base_copy(model, key, tensor)
     modules = {name: _module_weights(model, name, d) for name, d in draft.modules.items()}
     return LoraAdapter(draft.spec, modules, draft.experts)
 
@@ -377,7 +377,7 @@ def _target_names(spec: LoraSpec, model: nn.Module) -> list[str]:
 
 
 def _split_keys(tensors: dict[str, Tensor], targets: list[str], model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
-    """File keys -> ({module name: {part: (key, tensor)}}, {key: bias of an untargeted module (bias="all")})."""
+    """File keys -> ({module name: {part: (key, tensor)}}, {key: a copy of a base tensor (`_copies_base`)})."""
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     extra: dict[str, Tensor] = {}
     targeted = set(targets)
@@ -387,7 +387,7 @@ def _split_keys(tensors: dict[str, Tensor], targets: list[str], model: nn.Module
         name = rest[: -len(part) - 1] if part else rest.removesuffix(".bias")
         if key.startswith(KEY_PREFIX) and part and name in targeted:
             parts.setdefault(name, {})[part] = (key, tensor)
-        elif key.startswith(KEY_PREFIX) and not part and rest.endswith(".bias") and name not in targeted:
+        elif key.startswith(KEY_PREFIX) and not part and _copies_base(rest, targeted):
             extra[key] = tensor
         else:
             raise AdapterFormatError(key, f"'{KEY_PREFIX}<module>.<part>', <module> selected by the config and "
@@ -405,18 +405,29 @@ def _why_unknown(model: nn.Module, key: str, name: str) -> str:
     return f"{name}: a module not selected by target_modules / exclude_modules / layers_to_transform"
 
 
-def _check_untouched_bias(model: nn.Module, key: str, tensor: Tensor) -> None:
-    """bias="all" saves every bias of the model; serve only those equal to the base's."""
-    name = key.removeprefix(KEY_PREFIX).removesuffix(".bias")
+def _copies_base(rest: str, targeted: set[str]) -> bool:
+    """Whether a key (past KEY_PREFIX) is one PEFT saves with the base's own values: the bias of a
+    module no LoRA targets (bias="all" saves every bias), or the base weight of a targeted
+    embedding layer (save_embedding_layers, on by default when lm_head is a target)."""
+    if rest.endswith(".bias"):
+        return rest.removesuffix(".bias") not in targeted
+    return rest.endswith(".base_layer.weight") and rest.removesuffix(".base_layer.weight") in targeted
+
+
+def _check_base_copy(model: nn.Module, key: str, tensor: Tensor) -> None:
+    """Serve a copy of a base tensor only where it equals the base's (as PEFT would load it, in the
+    base's dtype): every adapter runs over one frozen base."""
+    name, attr = key.removeprefix(KEY_PREFIX).replace(".base_layer.", ".").rsplit(".", 1)
     try:
-        bias = base_layer(model, name).bias
+        base = getattr(base_layer(model, name), attr)
     except AttributeError as e:
-        raise AdapterFormatError(key, "the bias of a module of the base model", "no such module or bias") from e
-    if bias is None or bias.shape != tensor.shape:
-        raise AdapterFormatError(key, f"shape {None if bias is None else tuple(bias.shape)}", tuple(tensor.shape))
-    if not torch.equal(pristine(model, name, "bias").cpu(), tensor.to(bias.dtype)):
-        raise AdapterFormatError(key, "the base model's bias (a trained bias is served only on a LoRA-targeted "
-                                 "module)", "a different bias")
+        raise AdapterFormatError(key, f"the {attr} of a module of the base model", f"no such module or {attr}") from e
+    if base is None or base.shape != tensor.shape:
+        raise AdapterFormatError(key, f"shape {None if base is None else tuple(base.shape)}", tuple(tensor.shape))
+    if not torch.equal(pristine(model, name, attr).cpu(), tensor.to(base.dtype)):
+        why = "a trained bias is served only on a LoRA-targeted module" if attr == "bias" else \
+            "adapters that change the base's own weights, e.g. a trained or resized embedding layer, need their own base"
+        raise AdapterFormatError(key, f"the base model's {attr} ({why})", f"a different {attr}")
 
 
 def _module_draft(spec: LoraSpec, model: nn.Module, name: str, parts: dict, key: str | None = None) -> ModuleDraft:

@@ -40,6 +40,8 @@ GENERATED = {
                            "target_modules": ["c_attn", "c_fc"]}),
     "gpt2-all-linear": ("gpt2", {"r": 2, "lora_alpha": 2, "fan_in_fan_out": True, "target_modules": "all-linear",
                                  "exclude_modules": ["c_fc"]}),
+    # lm_head a target: PEFT saves the head's base weight too (save_embedding_layers, by default)
+    "head": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]}),
 }
 
 

@@ -321,6 +321,19 @@ def test_untargeted_biases_only_if_unchanged(adapter_dirs, tmp_path):
     assert e.value.field == key
 
 
+
+def test_a_saved_head_weight_only_if_unchanged(adapter_dirs, tmp_path):
+    folder = shutil.copytree(adapter_dirs["head"][1], tmp_path / "head")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in tensors  # PEFT's default when lm_head is a target; equal to the base's, it loads fine
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterFormatError) as e:
+        load_lora(folder, load_base("llama"))
+    assert e.value.field == key and "own base" in str(e.value)
+
+
 def test_refuses_truncated_safetensors(tmp_path):
     folder = shutil.copytree(FIXTURE_ADAPTERS["qv-r8"][1], tmp_path / "cut")
     data = (folder / "adapter_model.safetensors").read_bytes()

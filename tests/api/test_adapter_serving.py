@@ -15,7 +15,7 @@ PEFT_LLAMA = FIXTURES / "peft" / "tiny-llama"
 HUB_LLAMA = FIXTURES / "adapterhub" / "tiny-llama"
 PEFT_GPT2 = FIXTURES / "peft" / "tiny-gpt2"
 HUB_GPT2 = FIXTURES / "adapterhub" / "tiny-gpt2"
-SERVED_GENERATED = ["dora", "rslora-r4", "patterns", "r1", "lora-bias", "layers"]
+SERVED_GENERATED = ["dora", "rslora-r4", "patterns", "r1", "lora-bias", "layers", "head"]
 UNMERGEABLE = {"lora-bias"}  # lora_B bias on a base layer without bias: PEFT cannot merge it either
 
 
