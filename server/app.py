@@ -140,6 +140,11 @@ def _adapter_flags(values: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
+UNPARSED = "There was an error parsing the body"  # FastAPI's detail when json.loads raises other than JSONDecodeError
+UNPARSED_MESSAGE = "body: expected a JSON object in UTF-8, nested less than about a thousand levels deep; got a " \
+                   "body that is not UTF-8 or nests deeper"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
@@ -152,6 +157,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == UNPARSED:
+            return error_response(request.url.path, 400, InvalidRequestError.type, UNPARSED_MESSAGE)
         return error_response(request.url.path, exc.status_code, "http_error", str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -165,7 +172,14 @@ def _describe(exc: RequestValidationError) -> str:
     """One line per problem: where, what was expected, what came."""
     parts = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # loc: ("body", character offset)
+            offset, why = err["loc"][-1], err.get("ctx", {}).get("error", "invalid")
+            parts.append(f"body: expected a JSON object, got invalid JSON at character {offset} ({why})")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        if where == "body" and err.get("type") == "value_error":  # a model's own check: its message names the field
+            parts.append(str(err["ctx"]["error"]))
+            continue
         got = err.get("input")
         parts.append(f"{where}: {err.get('msg', 'invalid')}; got {_short(got)}")
     return "; ".join(parts)

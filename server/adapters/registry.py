@@ -269,6 +269,9 @@ class Registry:
     async def acquire_all(self, parts: tuple[Part, ...]) -> Adapter | Composite:
         """Several adapters for one request (composition.check_parts' tuple): each acquired, and their
         Composite built once per distinct combination; the caller must `release` what it gets."""
+        if self.max_resident and len(parts) > self.max_resident:  # they could never be resident at once
+            raise InvalidRequestError(f"adapters: expected at most {self.max_resident} adapters in one request "
+                                      f"(--max-resident-adapters), got {len(parts)}")
         held: list[Adapter] = []
         try:
             for part in parts:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from server.api.generation import Generation, Job, Outcome, Selection
 from server.engine.sampling import SamplingParams
+from server.errors import InvalidRequestError
 
 SEED_SPAN = 2**64  # seeds wrap within what torch.Generator accepts
 
@@ -32,6 +33,10 @@ def sample_params(params: SamplingParams, j: int) -> SamplingParams:
 async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[int]], n: int,
                        params: SamplingParams, limit_name: str) -> list[Choice]:
     """Check and acquire every choice's job; if one is refused, the ones already made are released."""
+    most = gen.engine.settings.max_waiting  # more choices than may wait could never all be queued
+    if len(prompts) * n > most:
+        raise InvalidRequestError(f"n: expected at most {most} choices in one request (prompts x n, --max-waiting), "
+                                  f"got {len(prompts)} x {n} = {len(prompts) * n}")
     choices: list[Choice] = []
     try:
         for i, ids in enumerate(prompts):

@@ -29,7 +29,7 @@ from server.adapters.composition import Part, check_parts
 from server.api.generation import Generation, Item, Job, Outcome, Selection
 from server.api.models import default_max_tokens
 from server.api.openai_schemas import NullIsAbsent
-from server.api.schemas import KnownFields
+from server.api.schemas import KnownFields, Stops
 from server.api.sse import EventStream, stream_response
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
@@ -76,7 +76,7 @@ class LoraxParameters(KnownFields, NullIsAbsent):
     ignore_eos_token: bool = False
     repetition_penalty: float | None = Field(None, gt=0)
     return_full_text: bool = False
-    stop: list[str] = Field(default_factory=list)
+    stop: Stops = Field(default_factory=list)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     temperature: float | None = Field(None, ge=0, le=100)
     top_k: int | None = Field(None, ge=1)
@@ -275,6 +275,6 @@ def is_lorax_body(body: bytes) -> bool:
     """LoRAX's body has `inputs`; ours has `prompt` or `prompt_token_ids` and never `inputs`."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep: the route's own parsing refuses it
         return False
     return isinstance(data, dict) and "inputs" in data and not {"prompt", "prompt_token_ids"} & data.keys()

@@ -34,10 +34,28 @@ class Choices(NullIsAbsent):
 
     n: int = Field(1, ge=1, le=MAX_N)
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
+    # OpenAI's fields that hotswap does not implement: accepted where they change nothing (clients send
+    # their defaults), refused otherwise, never silently ignored
+    best_of: int | None = Field(None, ge=1)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options.include_usage
+
+    @model_validator(mode="after")
+    def _unimplemented(self) -> "Choices":
+        asks = {"best_of": self.best_of not in (None, self.n), "presence_penalty": self.presence_penalty != 0,
+                "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias),
+                "suffix": bool(self.suffix)}
+        name = next((k for k, asked in asks.items() if asked), None)
+        if name is not None:
+            raise ValueError(f"{name}: expected it unset, or set so that it changes nothing (hotswap does not "
+                             f"implement it), got {getattr(self, name)!r}")
+        return self
 
 
 class CompletionRequest(Choices, CompletionBody):

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, field_validator,
+                      model_validator)
 
 from server.adapters.composition import MAX_PARTS, Part, check_parts
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed accepts
+MAX_STOPS, MAX_STOP_CHARS = 64, 1000  # stop strings of a request: each streamed token is checked against them all
+StopText = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+Stops = Annotated[list[StopText], Field(max_length=MAX_STOPS)]
 
 
 def encodable(value: object) -> object:
@@ -74,7 +78,7 @@ class SamplingFields(KnownFields):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = None
+    stop: StopText | Stops | None = None
     ignore_eos: bool = False
 
     def params(self, max_new_tokens: int) -> SamplingParams:
@@ -131,17 +135,28 @@ class CompletionBody(Composable, SamplingFields):
         return replace(super().params(max_new_tokens), logprobs=self.logprobs, prompt_logprobs=prompt)
 
 
+class TextPart(BaseModel):
+    """One part of a message's content: this server serves text models, so text parts only."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    _utf8 = field_validator("*")(encodable)
+
+    type: Literal["text"]
+    text: StrictStr
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     _utf8 = field_validator("*")(encodable)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from server.api.chat_prompt import chat_prompt_ids
 from server.api.deps import require_api_key
 from server.api.models import entry_of, max_model_len
 from server.api.openai_schemas import NullIsAbsent
-from server.api.schemas import ChatMessage
+from server.api.schemas import ChatMessage, encodable
 from server.errors import InvalidRequestError
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -24,6 +24,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 class TokenizeBody(NullIsAbsent):
     model_config = ConfigDict(extra="ignore")
+
+    _utf8 = field_validator("prompt")(encodable)
 
     model: str | None = None
     prompt: str | None = None

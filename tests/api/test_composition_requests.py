@@ -2,6 +2,7 @@
 each refuses with a 4xx naming the field, and body fields that would change meaning if dropped."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -118,3 +119,13 @@ def test_alora_default_mode_merged_is_refused_at_upload(srv, tmp_path):
         _refused(r, 400, "default_mode", "aLoRA")
         r = c.post("/adapters", data={"name": "a2"}, files=files)
     assert r.status_code == 201 and r.json()["details"]["alora_invocation_tokens"] == [9]
+
+
+def test_more_adapters_than_resident_slots_is_refused_at_once(tmp_path):
+    adapters = [f"qv={PEFT / 'lora-qv-r8'}", f"all={PEFT / 'lora-all-r16'}", f"soft={PEFT / 'prompt-16'}"]
+    with live_server(tmp_path, model=LLAMA, adapter=adapters, max_resident_adapters=2) as server:
+        t0 = time.monotonic()
+        r = _post(server, "/generate", {**BODY, "adapters": [*PAIR, {"name": "soft"}]})
+        _refused(r, 400, "at most 2 adapters", "--max-resident-adapters", "got 3")
+        assert time.monotonic() - t0 < 10  # not after waiting out the acquisition timeout for a slot
+        assert len(server.generate(adapters=PAIR, **BODY)["token_ids"]) == 6  # two still fit

@@ -20,6 +20,23 @@ REFUSED = [
     ("/v1/chat/completions",
      '{"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
      "messages"),
+    *[("/v1/chat/completions", f'{{"model": "tiny-llama", "messages": [{{"role": "user", "content": [{part}]}}]}}',
+       "messages") for part in ('{"type": "text", "text": 5}', '{"type": "text", "text": null}', '{"type": "text"}',
+                                '{"type": "image_url", "image_url": {"url": "x"}}', '{}')],
+    ("/tokenize", '{"messages": [{"role": "user", "content": [{"type": "text", "text": ["a"]}]}]}', "messages"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ("/generate", "[" * 100_000 + "]" * 100_000, "body"),  # nested past the JSON decoder's recursion limit
+    ("/generate", '{"prompt": "hi",}', "body"),
+    ("/generate", '{"prompt": "hi", "stop": [' + ", ".join(['"s"'] * 65) + ']}', "stop"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "stop": "' + "s" * 1001 + '"}', "stop"),
+    ("/", '{"inputs": "hi", "parameters": {"stop": [' + ", ".join(['"s"'] * 65) + ']}}', "parameters.stop"),
+    *[("/v1/completions", f'{{"model": "tiny-llama", "prompt": "hi", {field}}}', field.split('"')[1])
+      for field in ('"best_of": 2', '"presence_penalty": 0.5', '"frequency_penalty": -1', '"logit_bias": {"5": 100}',
+                    '"suffix": "x"')],
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
+     '"presence_penalty": 1}', "presence_penalty"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": ["a", "b", "c"], "n": 128, "max_tokens": 1}', "n"),
+    ("/generate", b'{"prompt": "\xff"}', "body"),  # not UTF-8
 ]
 
 
@@ -28,7 +45,8 @@ def test_refused_with_400_naming_the_field(llama_server, path, raw, field):
     with llama_server.client() as c:
         r = c.post(path, content=raw, headers=JSON)
     assert r.status_code == 400, r.text
-    message = r.json()["error"]["message"]
+    error = r.json()["error"]
+    message = error if path == "/" else error["message"]  # LoRAX's shape: {"error": message, "error_type": ...}
     assert message.startswith(field), message
     assert llama_server.generate(prompt_token_ids=[5, 6], max_new_tokens=2)["usage"]["completion_tokens"] == 2
 
