@@ -28,7 +28,7 @@ from server.config import Settings
 from server.engine import threads
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
-from server.http import BodyLimit
+from server.http import BodyLimit, CancelOnDisconnect
 from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, QueueFullError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
@@ -46,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CancelOnDisconnect)  # outermost: it watches the server's own receive
     _install_error_handlers(app)
     return app
 

@@ -4,6 +4,11 @@
   Content-Length before a byte is read, else as soon as the bytes counted while streaming pass
   the limit. Adapter uploads (multipart `POST /adapters`) stream to disk under their own
   `--max-upload-bytes` (server/upload.py) and are left to it.
+- `CancelOnDisconnect` (ASGI middleware): a client that leaves before its response starts (a
+  non-streamed generation, or a stream still waiting for its first token) cancels the handler, so
+  its engine request is cancelled and its adapter released instead of decoding to its end for
+  nobody. Once the response has started, the response's own writes (and Starlette's watch of a
+  streaming response) see the disconnect.
 - `--header-timeout-s`: uvicorn bounds only the idle time between requests (`timeout_keep_alive`);
   neither of its HTTP protocols bounds the time a client takes to send a request's headers (h11's
   `h11_max_incomplete_event_size` bounds their size, not their pace). So the protocol uvicorn would
@@ -61,6 +66,67 @@ class Server(uvicorn.Server):
         if generation is not None:
             generation.drain.begin(settings.shutdown_timeout_s)
         await super().shutdown(sockets)
+
+
+# ---------------------------------------------------------------- a client gone before its answer
+
+
+class CancelOnDisconnect:
+    """Cancel the handler of a request whose client disconnects before the response starts."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await _Watched(self.app)(scope, receive, send)
+
+
+class _Watched:
+    """One request: once the app has read its whole body, the server's receive is watched here (all
+    it can still deliver is the disconnect), and the app's own later receives get that disconnect."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.body_read = asyncio.Event()
+        self.gone = asyncio.Event()
+        self.started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def app_receive() -> Message:
+            if self.body_read.is_set():  # the watcher holds the server's receive now
+                await self.gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone.set()
+            elif not message.get("more_body", False):
+                self.body_read.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            self.started = self.started or message["type"] == "http.response.start"
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done() and self.gone.is_set() and not self.started:
+                handler.cancel()  # nobody waits for this answer
+            await asyncio.wait({handler})
+        finally:
+            watcher.cancel()
+            handler.cancel()  # this call itself was cancelled (the server shutting down): so is the handler
+        if not handler.cancelled():
+            handler.result()  # the app's own error, as without this middleware
+
+    async def _watch(self, receive: Receive) -> None:
+        await self.body_read.wait()
+        while not self.gone.is_set():
+            if (await receive())["type"] == "http.disconnect":
+                self.gone.set()
 
 
 # ---------------------------------------------------------------- request body

@@ -64,6 +64,46 @@ def test_disconnect_cancels_and_frees_row(tmp_path):
         assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] >= 1
 
 
+
+def _wait_for_metrics(c: httpx.Client, what: str, ok) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if ok(c.get("/metrics").text):
+            return
+        time.sleep(0.05)
+    raise AssertionError(what)
+
+
+def _give_up(srv, path: str, body: dict) -> None:
+    """Send a request and leave before its answer comes (2,000 tokens take the tiny model over 0.5 s)."""
+    try:
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=0.1)
+    except httpx.TimeoutException:
+        return
+    raise AssertionError(f"{path} answered within 0.1 s: {r.status_code} {r.text[:300]}")
+
+
+def test_a_client_gone_before_its_answer_cancels_its_request(tmp_path):
+    """Not streamed, or streamed but still waiting for its first token: the request is cancelled, not
+    decoded (or queued) to its end for nobody."""
+    long = {"max_new_tokens": 2000, "ignore_eos": True}
+    with live_server(tmp_path, model=LLAMA, max_batch_size=1) as srv, srv.client() as c:
+        def cancelled(text: str) -> float:
+            return _metric(text, "hotswap_requests_total", status="cancelled")
+
+        _give_up(srv, "/generate", {"prompt_token_ids": [5, 6, 7], **long})
+        _give_up(srv, "/v1/completions", {"model": "tiny-llama", "prompt": [5, 6], "max_tokens": 2000,
+                                          "ignore_eos": True})
+        _wait_for_metrics(c, "the abandoned requests kept running", lambda text: cancelled(text) == 2 and _metric(
+            text, "hotswap_requests_running") == 0)
+        with c.stream("POST", "/generate", json={"prompt_token_ids": [5, 6], **long, "stream": True}) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data: ")  # it holds the one row
+            _give_up(srv, "/generate", {"prompt_token_ids": [8, 9], **long, "stream": True})  # queued behind it
+            _wait_for_metrics(c, "the abandoned stream stayed queued", lambda text: cancelled(text) == 3)
+        assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] == 3
+
+
 def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
