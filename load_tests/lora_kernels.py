@@ -1,6 +1,6 @@
 """Micro-benchmark of the two ways to add per-row LoRA deltas in a mixed batch.
 
-    python -m load_tests.lora_kernels [--threads 2] [--device cpu] [--dtype float32]
+    python -m load_tests.lora_kernels [--threads 2] [--device cpu] [--dtype float32] [--cold]
 
 Shapes of the bench model's attention (hidden 768, 12 heads, 4 KV heads: q/o 768->768,
 k/v 768->256), 8 rows, r=16, decode (L=1) and prefill (L=32). For each batch composition it
@@ -18,6 +18,11 @@ prints the time of base q/k/v/o alone and the extra time of each strategy:
 and the plan build time of each. "+" columns time the delta alone, added in place to a
 precomputed base output. Times are the minimum over repeated blocks (robust to other load on
 the machine), in microseconds per layer (4 modules).
+
+`--cold` (CPU) times instead the bench scenario's LoRA reads against the memory: 32 rows of 32
+distinct adapters over the bench model's 48 modules (12 layers of q/k/v/o, r=16), each pass after
+the cache is flushed, `slot` against `torch.dot` reading the same number of bytes from one buffer
+(the fastest read of them this torch has), interleaved.
 """
 from __future__ import annotations
 
@@ -136,17 +141,49 @@ def run(device: str, dtype: torch.dtype, blocks: int) -> list[str]:
     return lines
 
 
+def cold(rounds: int, passes: int = 6) -> list[str]:
+    """The slot kernel over every module of 32 rows of 32 adapters, and a dot over as many bytes, cold."""
+    rows, layers = 32, 12
+    gen = torch.Generator().manual_seed(0)
+    adapters = [{m: LoraWeights(torch.randn(16, i, generator=gen), torch.randn(o, 16, generator=gen), 2.0)
+                 for m, (i, o) in MODULES.items()} for _ in range(rows * layers)]
+    deltas = [(SlotDelta.build([adapters[layer * rows + r][m] for r in range(rows)]), torch.randn(rows, 1, i),
+               torch.zeros(rows, 1, o)) for layer in range(layers) for m, (i, o) in MODULES.items()]
+    weight_bytes = sum(t.numel() * t.element_size() for a in adapters for w in a.values() for t in (w.A, w.B))
+    flat = torch.randn(weight_bytes // 4)  # [bytes / 4] float32
+    flush = torch.empty(300 * 2**20 // 4)  # written before each pass: more than the adapters and the buffer
+
+    def best_ms(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(passes):
+            flush.add_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+    lines = [f"{weight_bytes / 1e6:.0f} MB of float32 A and B, cold; ms (GB/s), best of {passes}",
+             "| round | slot kernel, 48 modules | torch.dot over as many bytes |", "| --- | --- | --- |"]
+    for i in range(rounds):
+        slot = best_ms(lambda: [d.apply(x, out, None) for d, x, out in deltas])
+        dot = best_ms(lambda: torch.dot(flat, flat))
+        lines.append(f"| {i} | {slot:.2f} ({weight_bytes / slot / 1e6:.1f}) | {dot:.2f} ({weight_bytes / dot / 1e6:.1f}) |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--blocks", type=int, default=15)
+    parser.add_argument("--cold", action="store_true", help="the bench scenario's LoRA reads against the memory (CPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --cold")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
-        lines = run(args.device, getattr(torch, args.dtype), args.blocks)
-    print(f"device={args.device} dtype={args.dtype} threads={args.threads} (us per layer; '+' = added to base)")
+        lines = cold(args.rounds) if args.cold else run(args.device, getattr(torch, args.dtype), args.blocks)
+    what = "cold reads" if args.cold else f"device={args.device} dtype={args.dtype} (us per layer; '+' = added to base)"
+    print(f"{what}, threads={args.threads}")
     print("\n".join(lines))
 
 
