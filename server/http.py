@@ -4,8 +4,8 @@
   Content-Length before a byte is read, else as soon as the bytes counted while streaming pass
   the limit. Adapter uploads (multipart `POST /adapters`) stream to disk under their own
   `--max-upload-bytes` (server/upload.py) and are left to it.
-- `CancelOnDisconnect` (ASGI middleware): a client that leaves before its response starts (a
-  non-streamed generation, or a stream still waiting for its first token) cancels the handler, so
+- `CancelOnDisconnect` (ASGI middleware): a client of a generation route that leaves before its
+  response starts (not streamed, or a stream still waiting for its first token) cancels the handler, so
   its engine request is cancelled and its adapter released instead of decoding to its end for
   nobody. Once the response has started, the response's own writes (and Starlette's watch of a
   streaming response) see the disconnect.
@@ -37,6 +37,8 @@ from server.config import Settings
 DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
 UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their own limit
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (httptools has no bound; h11's is 16 KiB)
+GENERATIONS = {("POST", path) for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/",
+                                           "/generate_stream")}  # native, OpenAI, LoRAX
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Config:
@@ -72,13 +74,14 @@ class Server(uvicorn.Server):
 
 
 class CancelOnDisconnect:
-    """Cancel the handler of a request whose client disconnects before the response starts."""
+    """Cancel the handler of a generation whose client disconnects before the response starts (not
+    that of an upload or a delete: those finish what they began)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], scope["path"]) not in GENERATIONS:
             return await self.app(scope, receive, send)
         await _Watched(self.app)(scope, receive, send)
 
