@@ -168,7 +168,7 @@ class Metrics:
             "Bytes held by resident adapter weights, by device.", ("device",), registry=r)
         self.requests_running = Gauge(
             "hotswap_requests_running",
-            "Requests in the running batch.", registry=r)
+            "Requests in the running batch: decoding, or prefilling a long prompt in chunks.", registry=r)
         self.requests_waiting = Gauge(
             "hotswap_requests_waiting",
             "Requests admitted but waiting for a batch slot or their merged phase.", registry=r)

@@ -21,6 +21,8 @@ async def generate(body: GenerateBody, request: Request, adapter: str | None = N
     if adapter and body.adapters is not None:
         raise InvalidRequestError(f"adapters: expected either ?adapter=NAME or an `adapters` list in the body, got "
                                   f"both (?adapter={adapter})")
+    if len(asked := request.query_params.getlist("adapter")) > 1:
+        raise InvalidRequestError(f"adapter: expected one ?adapter=NAME, got {len(asked)}: {asked[:4]}")
     ids = await gen.tokenize(body.prompt, body.prompt_token_ids)
     job = await gen.job(body.parts() or adapter or None, ids, body.params(body.max_new_tokens), body.mode)
     if body.stream:
@@ -36,7 +38,7 @@ def _response(job: Job, out: Outcome) -> dict:
         "kind": job.kind,
         "mode": job.mode,
         "finish_reason": out.finish_reason,
-        "usage": {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(out.token_ids),
+        "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(out.token_ids),
                   "prompt_tokens_details": {"cached_tokens": out.cached_tokens}},
     }
 

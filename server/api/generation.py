@@ -36,6 +36,11 @@ class Job:
     def kind(self) -> str:
         return self.adapter.kind if self.adapter else "base"
 
+    @property
+    def prompt_tokens(self) -> int:
+        """What the model processed of the prompt: a soft prompt's virtual tokens, then the prompt's."""
+        return (self.adapter.n_virtual if self.adapter else 0) + len(self.prompt_ids)
+
 
 @dataclass
 class Outcome:
@@ -56,6 +61,17 @@ class Generation:
         self.engine = engine
         self.max_new_tokens_limit = max_new_tokens_limit
         self.drain = Drain()
+        # text longer than this cannot fit the context whatever its tokens (none is longer than the
+        # vocabulary's longest; twice that for a normalizer that drops characters): refused untokenized
+        self.max_prompt_chars = 2 * base.geometry.max_len * max(map(len, base.tokenizer.get_vocab()))
+
+    def check_length(self, chars: int, field: str = "prompt") -> None:
+        """Refuse `chars` characters of prompt text before tokenizing them, if no tokenization could fit
+        them in the context (tokenizing megabytes to refuse them costs seconds of CPU)."""
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{field}: expected at most {self.base.geometry.max_len} tokens (the model's context), got "
+                f"{chars} characters, more than that many tokens of this vocabulary can hold")
 
     async def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop."""
@@ -63,6 +79,7 @@ class Generation:
             got = "both" if prompt is not None else "neither"
             raise InvalidRequestError(f"expected exactly one of prompt (string) or prompt_token_ids (list of ints), got {got}")
         if ids is None:
+            self.check_length(len(prompt))
             ids = await asyncio.to_thread(self.base.tokenizer.encode, prompt, add_special_tokens=False)
         vocab = self.base.geometry.vocab
         bad = [t for t in ids if not 0 <= t < vocab]

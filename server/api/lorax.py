@@ -185,8 +185,7 @@ def _selection(p: LoraxParameters) -> Selection:
 
 
 def _summary(gen: Generation, job: Job, out: Outcome, p: LoraxParameters) -> dict:
-    n_virtual = job.adapter.n_virtual if job.adapter else 0
-    return {"finish_reason": _finish_reason(gen, job, out), "prompt_tokens": n_virtual + len(job.prompt_ids),
+    return {"finish_reason": _finish_reason(gen, job, out), "prompt_tokens": job.prompt_tokens,
             "generated_tokens": len(out.token_ids), "seed": p.seed if p.sampling else None}
 
 

@@ -20,15 +20,13 @@ def usage(choices: list[Choice], outs: list[Outcome]) -> dict:
     for c, out in zip(choices, outs):
         if c.prompt not in seen:
             seen.add(c.prompt)
-            n_in += prompt_tokens(c)
+            n_in += c.job.prompt_tokens
             n_cached += out.cached_tokens
     n_out = sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
             "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
-def prompt_tokens(c: Choice) -> int:
-    return (c.job.adapter.n_virtual if c.job.adapter else 0) + len(c.job.prompt_ids)
 
 
 def envelope(rid: str, model: str, chat: bool, choices: list[dict], chunk: bool = False) -> dict:

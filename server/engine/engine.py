@@ -151,7 +151,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.batch)
+        """Admitted rows: decoding, or prefilling a long prompt in chunks (the gateway state counts both)."""
+        return len(self.batch) + len(self.chunked)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter, mode: Mode) -> AsyncIterator[Event]:
         """Submit a request and yield its events; leaving early cancels it."""
@@ -253,7 +254,7 @@ class Engine:
             self.outbox.flush()
         if self.batch:
             self._decode()
-        self.metrics.set_queue(len(self.batch), self._pending)
+        self.metrics.set_queue(self.running, self._pending)
         per_block = self.cache.bytes_per_block
         self.metrics.set_kv_cache(self.cache.blocks_used * per_block, self.cache.blocks_cached * per_block,
                                   self.cache.n_blocks * per_block)

@@ -36,6 +36,9 @@ REFUSED = [
     ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
      '"presence_penalty": 1}', "presence_penalty"),
     ("/v1/completions", '{"model": "tiny-llama", "prompt": ["a", "b", "c"], "n": 128, "max_tokens": 1}', "n"),
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "' + "ab" * 140_000
+     + '"}]}', "messages"),  # more characters than 2,048 tokens could hold (test below)
+    ("/generate?adapter=a&adapter=b", '{"prompt": "hi"}', "adapter"),
     ("/generate", b'{"prompt": "\xff"}', "body"),  # not UTF-8
 ]
 
@@ -50,6 +53,20 @@ def test_refused_with_400_naming_the_field(llama_server, path, raw, field):
     assert message.startswith(field), message
     assert llama_server.generate(prompt_token_ids=[5, 6], max_new_tokens=2)["usage"]["completion_tokens"] == 2
 
+
+
+@pytest.mark.parametrize("path,body", [("/generate", {}), ("/v1/completions", {"model": "tiny-llama"}),
+                                       ("/", {"inputs": "ab" * 140_000})])
+def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, path, body):
+    """More characters than the context's 2,048 tokens of the vocabulary's longest (64 characters)
+    could hold, twice over: refused by its length, before the tokenizer spends seconds on it."""
+    with llama_server.client() as c:
+        r = c.post(path, json={"prompt": "ab" * 140_000, **body} if path != "/" else body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    message = error if path == "/" else error["message"]
+    assert message.startswith("prompt") or message.startswith("inputs"), message
+    assert "280000 characters" in message
 
 @pytest.mark.parametrize("seed", [2**64 - 1, -(2**63)])
 def test_seeds_at_the_ends_of_the_range_are_served(llama_server, seed):

@@ -34,8 +34,14 @@ def test_generate_equals_native(client, server, adapter):
     d = out.details
     assert d.finish_reason == "length" and d.generated_tokens == 9 and d.seed is None
     assert [t.id for t in d.tokens] == native["token_ids"] and all(t.logprob <= 0 for t in d.tokens)
-    assert d.prompt_tokens == native["usage"]["prompt_tokens"] + (16 if adapter == "soft" else 0)
+    assert d.prompt_tokens == native["usage"]["prompt_tokens"]  # both count a soft prompt's 16 virtual tokens
 
+
+
+def test_native_usage_counts_a_soft_prompts_virtual_tokens(server):
+    def used(adapter: str | None) -> int:
+        return server.generate(adapter, prompt=PROMPT, max_new_tokens=1)["usage"]["prompt_tokens"]
+    assert used("soft") == used(None) + 16
 
 @pytest.mark.parametrize("adapter", ["lora", None])
 def test_generate_stream_equals_native(client, server, adapter):
