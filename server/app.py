@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (generate, openai, tokenize, lorax, adapters, health):
         app.include_router(module.router)
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle_s=settings.body_timeout_s)
     app.add_middleware(CancelOnDisconnect)  # outermost: it watches the server's own receive
     _install_error_handlers(app)
     return app

@@ -3,7 +3,9 @@
 - `BodyLimit` (ASGI middleware): a body past `--max-body-bytes` is answered 413 JSON, from its
   Content-Length before a byte is read, else as soon as the bytes counted while streaming pass
   the limit. Adapter uploads (multipart `POST /adapters`) stream to disk under their own
-  `--max-upload-bytes` (server/upload.py) and are left to it.
+  `--max-upload-bytes` (server/upload.py) and are left to it. A body whose next bytes take more
+  than `--body-timeout-s` to come (uploads too) is answered 408 JSON and the connection closed: a
+  client sending its body a byte a minute no longer holds a connection and a handler forever.
 - `CancelOnDisconnect` (ASGI middleware): a client of a generation route that leaves before its
   response starts (not streamed, or a stream still waiting for its first token) cancels the handler, so
   its engine request is cancelled and its adapter released instead of decoding to its end for
@@ -136,54 +138,69 @@ class _Watched:
 
 
 class BodyLimit:
-    """413 JSON for a request body past `limit` bytes, before it is read whole."""
+    """413 JSON for a request body past `limit` bytes, before it is read whole; 408 JSON for one whose
+    next bytes take more than `idle_s` to come (uploads, which stream under their own size limit, keep
+    this bound)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, idle_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["method"], scope["path"]) in UNLIMITED:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = None if (scope["method"], scope["path"]) in UNLIMITED else self.limit
         declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            return await _too_large(send, self.limit, f"{declared} (Content-Length)")
-        await _Counted(self.app, self.limit)(scope, receive, send)
+        if limit is not None and declared is not None and declared > limit:
+            return await _refuse(send, 413, "payload_too_large", _too_large(limit, f"{declared} (Content-Length)"))
+        await _Counted(self.app, limit, self.idle_s)(scope, receive, send)
 
 
 class _Counted:
-    """One request whose body bytes are counted as they arrive; past the limit, the app's answer
-    (an error about a body it could not read) is replaced by the 413."""
+    """One request whose body bytes are counted and timed as they arrive; past the limit or the idle
+    time, the app's answer (an error about a body it could not read) is replaced by the 413 or 408."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int | None, idle_s: float) -> None:
+        self.app, self.limit, self.idle_s = app, limit, idle_s
         self.received = 0
-        self.exceeded = False
+        self.complete = False
+        self.refusal: tuple[int, str, str] | None = None  # status, type, message
         self.started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def counted_receive() -> Message:
-            message = await receive()
+            if self.complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                self.refusal = 408, "request_timeout", (
+                    f"body: expected its next bytes within {self.idle_s:g}s (--body-timeout-s), got none for "
+                    f"{self.idle_s:g}s ({self.received} bytes by then)")
+                return {"type": "http.disconnect"}  # the app stops reading
             if message["type"] == "http.request":
                 self.received += len(message.get("body", b""))
-                if self.received > self.limit:
-                    self.exceeded = True
-                    return {"type": "http.disconnect"}  # the app stops reading
+                self.complete = not message.get("more_body", False)
+                if self.limit is not None and self.received > self.limit:
+                    self.refusal = 413, "payload_too_large", _too_large(self.limit,
+                                                                        f"more ({self.received} bytes by then)")
+                    return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
-            if self.exceeded and not self.started:
-                return  # the app's answer to a body it could not read; the 413 replaces it
+            if self.refusal is not None and not self.started:
+                return  # the app's answer to a body it could not read; the refusal replaces it
             self.started = True
             await send(message)
 
         try:
             await self.app(scope, counted_receive, guarded_send)
         except Exception:
-            if not self.exceeded:
+            if self.refusal is None:
                 raise
-        if self.exceeded and not self.started:
-            await _too_large(send, self.limit, f"more ({self.received} bytes by then)")
+        if self.refusal is not None and not self.started:
+            await _refuse(send, *self.refusal)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -193,10 +210,14 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _too_large(send: Send, limit: int, got: str) -> None:
-    message = f"body: expected at most {limit} bytes (--max-body-bytes), got {got}"
-    body = json.dumps({"error": {"type": "payload_too_large", "message": message}}).encode()
-    await send({"type": "http.response.start", "status": 413,
+def _too_large(limit: int, got: str) -> str:
+    return f"body: expected at most {limit} bytes (--max-body-bytes), got {got}"
+
+
+async def _refuse(send: Send, status: int, type_: str, message: str) -> None:
+    """A JSON error instead of the app's answer, and the connection closed after it."""
+    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
