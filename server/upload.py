@@ -201,7 +201,7 @@ def unpack(archive: Path, dest: Path, limit: int) -> Path:
             _unzip(archive, dest, budget, members)
         else:
             _untar(archive, magic, dest, budget, members)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"archive: expected a valid .zip or .tar.gz, got a broken one ({exc})") from exc
     _flatten(dest, members)
     return dest
@@ -240,6 +240,9 @@ def _member_path(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what zip tools write by default; others are refused
+
+
 def _unzip(archive: Path, dest: Path, budget: _Budget, members: list) -> None:
     if declared_zip_entries(archive) > MAX_FILES:  # each parsed entry costs memory: refuse before parsing
         raise PayloadTooLargeError(f"archive: expected at most {MAX_FILES} members, got more")
@@ -260,6 +263,9 @@ def _unzip(archive: Path, dest: Path, budget: _Budget, members: list) -> None:
                 raise InvalidRequestError(f"archive member {clip(info.filename)}: expected a regular file")
             if info.flag_bits & 0x1:
                 raise InvalidRequestError(f"archive member {clip(info.filename)}: expected no encryption")
+            if info.compress_type not in ZIP_METHODS:
+                raise InvalidRequestError(f"archive member {clip(info.filename)}: expected it stored or deflated, "
+                                          f"got compression method {info.compress_type}")
             with zf.open(info) as src:
                 members.append((str(path), _copy(src, dest, len(members), budget)))
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from server.adapters.registry import Registry
 from server.api.deps import require_admin, require_api_key, synced_store
-from server.errors import ForbiddenError, InvalidRequestError, clip
+from server.errors import AdapterNotFoundError, ForbiddenError, InvalidRequestError, clip
 from server.store import check_name
 from server.upload import receive, unpack
 
@@ -59,7 +59,10 @@ async def upload_adapter(request: Request, replace: bool = False) -> JSONRespons
     finally:
         await asyncio.to_thread(registry.store.discard, staging)
     if entry.pinned:  # a replaced pinned adapter stays pinned: load the new version now
-        entry = await registry.pin(name)
+        try:
+            entry = await registry.pin(name)
+        except AdapterNotFoundError:
+            pass  # deleted since it was registered: the upload committed, the delete came after it
     return JSONResponse(entry.record(), status_code=201)
 
 

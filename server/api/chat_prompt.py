@@ -5,15 +5,21 @@ the model then tends to answer with a space or newline first, which the chat end
 """
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from server.api.schemas import ChatMessage
+from server.errors import InvalidRequestError
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> tuple[list[int], bool]:
     """The prompt's token ids, and whether the tokenizer's chat template made them."""
     turns = [{"role": m.role, "content": m.text()} for m in messages]
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                            return_dict=False)
+        try:
+            ids = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                return_dict=False)
+        except TemplateError as exc:  # the template's own check (e.g. roles must alternate): the request's fault
+            raise InvalidRequestError(f"messages: expected turns the model's chat template accepts, got: {exc}") from exc
         return list(ids), True
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + ("assistant:" if add_generation_prompt else "")
     return tokenizer.encode(text, add_special_tokens=False), False

@@ -12,6 +12,7 @@ from server.adapters.composition import Composite, Part
 from server.adapters.lora import check_mergeable
 from server.api.detokenizer import TextStream
 from server.api.drain import Drain
+from server.api.schemas import ChatMessage
 from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
 from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
@@ -72,6 +73,15 @@ class Generation:
             raise InvalidRequestError(
                 f"{field}: expected at most {self.base.geometry.max_len} tokens (the model's context), got "
                 f"{chars} characters, more than that many tokens of this vocabulary can hold")
+
+    def check_turns(self, messages: list[ChatMessage]) -> None:
+        """Refuse chat turns before templating them if they could not fit the context: more turns than
+        it has positions (each takes at least one token, its role's marker), or too much text."""
+        limit = self.base.geometry.max_len
+        if len(messages) > limit:
+            raise InvalidRequestError(f"messages: expected at most {limit} turns (each takes at least one token "
+                                      f"of the model's context), got {len(messages)}")
+        self.check_length(sum(len(m.role) + len(m.text()) for m in messages), "messages")
 
     async def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
         """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop."""

@@ -85,7 +85,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     if body.stream and body.logprobs:
         raise InvalidRequestError("stream: expected false with logprobs (scores are not streamed), got true")
     gen: Generation = request.app.state.generation
-    gen.check_length(sum(len(m.text()) for m in body.messages), "messages")
+    gen.check_turns(body.messages)
     ids, templated = await asyncio.to_thread(chat_prompt_ids, gen.base.tokenizer, body.messages)
     ids = await gen.tokenize(None, ids)
     selection = selection_of(request.app, body.model, body.parts())

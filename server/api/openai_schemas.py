@@ -4,6 +4,7 @@ They extend the bodies in schemas.py (which keep the sampling fields and their c
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -12,6 +13,17 @@ from server.api.schemas import ChatBody, CompletionBody
 from server.engine.sampling import SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
+
+# name -> whether a value (of a body `data`) changes nothing
+UNIMPLEMENTED: dict[str, Callable[[object, dict], bool]] = {
+    "best_of": lambda v, data: v == data.get("n", 1),
+    **{name: (lambda v, data: v == 0) for name in ("presence_penalty", "frequency_penalty", "min_tokens", "min_p")},
+    "repetition_penalty": lambda v, data: v == 1,
+    "response_format": lambda v, data: v == {"type": "text"},
+    **{name: (lambda v, data: v in ("none", "auto")) for name in ("tool_choice", "function_call")},
+    **{name: (lambda v, data: not v) for name in ("logit_bias", "suffix", "tools", "functions", "stop_token_ids")},
+    **{name: (lambda v, data: False) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},
+}
 
 
 class NullIsAbsent(BaseModel):
@@ -34,29 +46,22 @@ class Choices(NullIsAbsent):
 
     n: int = Field(1, ge=1, le=MAX_N)
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
-    # OpenAI's fields that hotswap does not implement: accepted where they change nothing (clients send
-    # their defaults), refused otherwise, never silently ignored
-    best_of: int | None = Field(None, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options.include_usage
 
-    @model_validator(mode="after")
-    def _unimplemented(self) -> "Choices":
-        asks = {"best_of": self.best_of not in (None, self.n), "presence_penalty": self.presence_penalty != 0,
-                "frequency_penalty": self.frequency_penalty != 0, "logit_bias": bool(self.logit_bias),
-                "suffix": bool(self.suffix)}
-        name = next((k for k, asked in asks.items() if asked), None)
-        if name is not None:
-            raise ValueError(f"{name}: expected it unset, or set so that it changes nothing (hotswap does not "
-                             f"implement it), got {getattr(self, name)!r}")
-        return self
-
+    @model_validator(mode="before")
+    @classmethod
+    def _unimplemented(cls, data: object) -> object:
+        """OpenAI's and vLLM's fields that hotswap does not implement: accepted where they change nothing
+        (clients send their defaults), refused otherwise, never silently ignored."""
+        if isinstance(data, dict):
+            for name, neutral in UNIMPLEMENTED.items():
+                if data.get(name) is not None and not neutral(data[name], data):
+                    raise ValueError(f"{name}: expected it unset, or set so that it changes nothing (hotswap does "
+                                     f"not implement it), got {data[name]!r}")
+        return data
 
 class CompletionRequest(Choices, CompletionBody):
     """`prompt`: a string, a list of token ids, or a batch of either (one choice per prompt, in order)."""

@@ -3,10 +3,12 @@ uploads get a 4xx naming the problem, run nothing and leave the store and the re
 admin auth; pinning; vLLM's load/unload."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 import threading
 from pathlib import Path
@@ -182,6 +184,23 @@ def test_pin_and_unpin(srv, admin):
     assert admin.post("/adapters/nope/pin").status_code == 404
 
 
+
+def test_replacing_a_pinned_adapter_deleted_meanwhile_answers_201(srv, admin, monkeypatch):
+    """The replace registers, then loads the new version to keep it pinned; a delete landing between
+    the two wins, and the upload, which committed, still answers 201 (it answered 404)."""
+    assert upload(admin, "pinrace", files=folder_files(PROMPT)).status_code == 201
+    assert admin.post("/adapters/pinrace/pin").status_code == 200
+    registry, real = srv.app.state.registry, srv.app.state.registry.pin
+
+    async def pin_after_a_delete(name: str, pinned: bool = True):
+        await asyncio.to_thread(registry.unregister, name)
+        return await real(name, pinned)
+
+    monkeypatch.setattr(registry, "pin", pin_after_a_delete)
+    r = upload(admin, "pinrace", files=folder_files(PROMPT), replace=True)
+    assert r.status_code == 201 and r.json()["name"] == "pinrace", r.text
+    assert admin.get("/adapters/pinrace").status_code == 404  # the delete came after it
+
 # ---------------------------------------------------------------- admin auth
 
 
@@ -277,6 +296,29 @@ LORA_FILES = folder_files(LORA)
 WEIGHTS = LORA_FILES["adapter_model.safetensors"]
 
 
+def _zip_headers(edit) -> bytes:
+    """The LoRA's files zipped (deflated), `edit(data, offset)` applied at each local and central header."""
+    data = bytearray(zip_bytes(LORA_FILES, top=None))
+    for signature, to_flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = 0
+        while (at := data.find(signature, at)) >= 0:
+            edit(data, at + to_flags)  # flags, then the compression method 2 bytes on
+            at += 4
+    return bytes(data)
+
+
+def _zip_method(method: int) -> bytes:
+    return _zip_headers(lambda data, flags: struct.pack_into("<H", data, flags + 2, method))
+
+
+def _zip_bad_name() -> bytes:
+    """A member name flagged UTF-8 that is not."""
+    data = bytearray(_zip_headers(lambda data, flags: struct.pack_into("<H", data, flags, 0x800)))
+    central = data.find(b"PK\x01\x02")
+    data[central + 46] = 0xFF  # the name's first byte
+    return bytes(data)
+
+
 def _hostile(marker: Path):
     """(id, upload kwargs, status, error type, needle in the message)."""
     gpt2_lora = folder_files(FIXTURES / "peft/tiny-gpt2/lora-cattn-r8")
@@ -300,6 +342,9 @@ def _hostile(marker: Path):
          "decompressed"),
         ("targz-bomb", {"archive": targz_bytes({"zeros": bytes(3 * LIMIT)})}, 413, "payload_too_large", "decompressed"),
         ("not-an-archive", {"archive": b"plain text"}, 400, "invalid_request", ".zip or .tar.gz"),
+        *[(f"zip-method-{m}", {"archive": _zip_method(m)}, 400, "invalid_request", "stored or deflated")
+          for m in (9, 12, 14, 99)],  # deflate64, bzip2, lzma, AES: zipfile reads some, not all
+        ("zip-bad-utf8-name", {"archive": _zip_bad_name()}, 400, "invalid_request", "broken"),
         ("too-large", {"files": {**LORA_FILES, "big.bin": os.urandom(LIMIT)}}, 413, "payload_too_large",
          "--max-upload-bytes"),
         ("both-forms", {"files": LORA_FILES, "archive": zip_bytes(LORA_FILES)}, 400, "invalid_request", "both"),

@@ -39,6 +39,14 @@ REFUSED = [
     ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "' + "ab" * 140_000
      + '"}]}', "messages"),  # more characters than 2,048 tokens could hold (test below)
     ("/generate?adapter=a&adapter=b", '{"prompt": "hi"}', "adapter"),
+    *[(path, body[:-1] + f", {field}}}", field.split('"')[1]) for path, body in (
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi"}'),
+        ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}'))
+      for field in ('"response_format": {"type": "json_object"}', '"tools": [{"type": "function"}]',
+                    '"tool_choice": "required"', '"repetition_penalty": 1.2', '"min_tokens": 5', '"min_p": 0.1',
+                    '"stop_token_ids": [5]', '"guided_json": {}', '"guided_choice": ["a"]')],
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [' + ", ".join(['{"role": "user", "content": ""}'] * 2049)
+     + "]}", "messages"),  # more turns than the context has positions
     ("/generate", b'{"prompt": "\xff"}', "body"),  # not UTF-8
 ]
 
@@ -67,6 +75,27 @@ def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, pat
     message = error if path == "/" else error["message"]
     assert message.startswith("prompt") or message.startswith("inputs"), message
     assert "280000 characters" in message
+
+
+def test_unimplemented_fields_at_values_that_change_nothing_are_served(llama_server):
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0, "tools": [],
+               "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1}
+    with llama_server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **neutral,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_chat_template_that_refuses_the_turns_is_a_400_with_its_message(llama_server, monkeypatch):
+    tokenizer = llama_server.app.state.base.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    with llama_server.client() as c:
+        chat = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": [{"role": "user", "content": "a"}]})
+        counted = c.post("/tokenize", json={"messages": [{"role": "user", "content": "a"}]})
+    for r in (chat, counted):
+        assert r.status_code == 400, r.text
+        assert "roles must alternate" in r.json()["error"]["message"] and r.json()["error"]["message"].startswith(
+            "messages")
 
 @pytest.mark.parametrize("seed", [2**64 - 1, -(2**63)])
 def test_seeds_at_the_ends_of_the_range_are_served(llama_server, seed):
