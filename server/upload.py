@@ -56,8 +56,10 @@ def check_filename(name: str, what: str) -> str:
 async def receive(request: Request, staging: Path, limit: int) -> Form:
     """Stream a multipart/form-data body into `staging` (files/ and archive); 413 past `limit` bytes."""
     mime, params = parse_options_header(request.headers.get("content-type"))
-    if mime != b"multipart/form-data" or not params.get(b"boundary"):
+    if mime != b"multipart/form-data":
         raise InvalidRequestError(f"body: expected multipart/form-data, got {mime.decode('latin-1') or 'no content type'}")
+    if not params.get(b"boundary"):
+        raise InvalidRequestError("content-type: expected multipart/form-data with its boundary parameter, got none")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"upload: expected at most {limit} bytes (--max-upload-bytes), got {declared}")

@@ -437,6 +437,7 @@ def test_oversized_streamed_body_refused_while_reading(srv, admin):
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"content": b'{"name": "x"}', "headers": {"content-type": "application/json"}}, "multipart/form-data"),
+    ({"content": b"--b\r\n", "headers": {"content-type": "multipart/form-data"}}, "boundary parameter"),
     ({"data": {"name": "x", "colour": "blue"}, "files": [("files", ("a", b""))]}, "colour"),
 ])
 def test_malformed_forms(srv, admin, kwargs, needle):
