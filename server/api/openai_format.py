@@ -27,8 +27,6 @@ def usage(choices: list[Choice], outs: list[Outcome]) -> dict:
             "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
-
-
 def envelope(rid: str, model: str, chat: bool, choices: list[dict], chunk: bool = False) -> dict:
     kind = "chat.completion" if chat else "text_completion"
     return {"id": rid, "object": f"{kind}.chunk" if chunk and chat else kind, "created": int(time.time()),

@@ -63,6 +63,7 @@ class Choices(NullIsAbsent):
                                      f"not implement it), got {data[name]!r}")
         return data
 
+
 class CompletionRequest(Choices, CompletionBody):
     """`prompt`: a string, a list of token ids, or a batch of either (one choice per prompt, in order)."""
 

@@ -88,10 +88,11 @@ class Request:
         invocation = lora.spec.alora_invocation_tokens if lora else ()
         return row_start(self.prompt_ids, invocation, self.n_virtual)
 
-    @property
+    @cached_property
     def phase(self) -> str:
         """Requests of one phase may share a batch: all unmerged ones, or one merged adapter's, by
-        identity (a replaced adapter's new version is another phase than its old one's, still merged)."""
+        identity (a replaced adapter's new version is another phase than its old one's, still merged).
+        Read for every waiting request at each admission, and fixed by its adapter and mode: kept."""
         if self.mode == "merged" and self.adapter:
             return f"merged:{self.adapter.name}#{serial(self.adapter)}"
         return "shared"
