@@ -51,6 +51,7 @@ from server.engine.request import (
 from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine import threads
 from server.engine.scheduler import SHARED, Limits, Scheduler
+from server.engine.stops import StopFinder
 from server.errors import QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.model import BaseModel
@@ -110,6 +111,7 @@ class Engine:
         self._abort: ShuttingDownError | None = None  # set past the shutdown timeout: end every request
         self._joining: list[Request] = []  # admitted this iteration, not yet rows of the batch
         self.outbox = Outbox()  # the requests' events, handed to their loops after each stage
+        self.stops = StopFinder(base.tokenizer)
         self.phases = Phases(base, self.scheduler, metrics, self._fail_waiting)
         self._thread = threading.Thread(target=self._run, name="hotswap-engine", daemon=True)
         self.calls = EngineCalls(self._thread, self._wake)
@@ -414,16 +416,11 @@ class Engine:
             return "length"
         if not p.ignore_eos and req.output_ids[-1] in self.base.eos_ids:
             return "stop"
-        if p.stop and self._hit_stop(req):
+        if p.stop and self.stops.found(req.output_ids, p.stop):
             return "stop"
         if len(req.output_ids) >= p.max_new_tokens:
             return "length"
         return None
-
-    def _hit_stop(self, req: Request) -> bool:
-        longest = max(len(s) for s in req.params.stop)
-        tail = self.base.tokenizer.decode(req.output_ids[-(longest + 4) :])
-        return any(s in tail for s in req.params.stop)
 
     def _finish(self, req: Request, reason: str, status: str, error: Exception | None = None) -> None:
         if req.finished:
