@@ -29,7 +29,7 @@ from server.engine import threads
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
 from server.http import BodyLimit, CancelOnDisconnect
-from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, QueueFullError
+from server.errors import AdapterExistsError, HotswapError, InvalidRequestError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
 from server.store import Store
@@ -149,7 +149,7 @@ UNPARSED_MESSAGE = "body: expected a JSON object in UTF-8, nested less than abou
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
         return error_response(request.url.path, exc.status, exc.type, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)

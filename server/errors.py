@@ -34,6 +34,7 @@ class HotswapError(Exception):
 
     status = 500
     type = "internal_error"
+    retry_after_s: int | None = None  # set where a retry after that long may succeed: sent as Retry-After
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -126,10 +127,15 @@ class ShuttingDownError(HotswapError):
 
 
 class AdapterCapacityError(HotswapError):
-    """No resident slot can be freed for the adapter now (every one is pinned or in use) (503)."""
+    """No resident slot can be freed for the adapter now (every one is pinned or in use) (503).
+    Only a wait for slots in use that timed out says when to retry; pins change by an operator's hand."""
 
     status = 503
     type = "adapter_capacity"
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreCorruptError(HotswapError):

@@ -374,7 +374,7 @@ class Registry:
             except TimeoutError as exc:
                 raise AdapterCapacityError(
                     f"adapter {entry.name!r}: no resident slot freed within {ACQUIRE_TIMEOUT_S:.0f}s "
-                    f"({self.max_resident} slots, all pinned or in use); retry later") from exc
+                    f"({self.max_resident} slots, all pinned or in use); retry later", retry_after_s=1) from exc
         if victims:
             self.metrics.evicted(len(victims))
         self._publish()

@@ -83,20 +83,21 @@ class Generation:
                                       f"of the model's context), got {len(messages)}")
         self.check_length(sum(len(m.role) + len(m.text()) for m in messages), "messages")
 
-    async def tokenize(self, prompt: str | None, ids: list[int] | None) -> list[int]:
-        """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop."""
+    async def tokenize(self, prompt: str | None, ids: list[int] | None, field: str = "prompt") -> list[int]:
+        """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop.
+        `field` is the API's name for the prompt text in error messages (LoRAX: inputs)."""
         if (prompt is None) == (ids is None):
             got = "both" if prompt is not None else "neither"
             raise InvalidRequestError(f"expected exactly one of prompt (string) or prompt_token_ids (list of ints), got {got}")
         if ids is None:
-            self.check_length(len(prompt))
+            self.check_length(len(prompt), field)
             ids = await asyncio.to_thread(self.base.tokenizer.encode, prompt, add_special_tokens=False)
         vocab = self.base.geometry.vocab
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"prompt_token_ids: expected ids in [0, {vocab}), got {bad[:5]}")
         if not ids:
-            raise InvalidRequestError("prompt: expected at least one token, got an empty prompt")
+            raise InvalidRequestError(f"{field}: expected at least one token, got an empty prompt")
         return ids
 
     async def job(self, selection: Selection, ids: list[int], params: SamplingParams, mode: str | None,

@@ -168,7 +168,7 @@ async def _job(gen: Generation, body: LoraxRequest, request: Request) -> Job:
     if problem:
         raise InvalidRequestError(problem)
     selection = _selection(p)
-    ids = await gen.tokenize(body.inputs, None)
+    ids = await gen.tokenize(body.inputs, None, "inputs")
     if p.truncate:
         ids = ids[-p.truncate:]
     limit = p.max_new_tokens or default_max_tokens(request.app, selection, ids)

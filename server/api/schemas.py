@@ -13,7 +13,7 @@ from server.errors import InvalidRequestError
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_seed accepts
 MAX_STOPS, MAX_STOP_CHARS = 64, 1000  # stop strings of a request: each streamed token is checked against them all
-StopText = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]  # "" would stop at once
 Stops = Annotated[list[StopText], Field(max_length=MAX_STOPS)]
 
 

@@ -30,6 +30,10 @@ REFUSED = [
     ("/generate", '{"prompt": "hi", "stop": [' + ", ".join(['"s"'] * 65) + ']}', "stop"),
     ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "stop": "' + "s" * 1001 + '"}', "stop"),
     ("/", '{"inputs": "hi", "parameters": {"stop": [' + ", ".join(['"s"'] * 65) + ']}}', "parameters.stop"),
+    ("/generate", '{"prompt": "hi", "stop": ["a", ""]}', "stop"),  # an empty stop would end every answer at once
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "stop": ""}', "stop"),
+    ("/", '{"inputs": "hi", "parameters": {"stop": [""]}}', "parameters.stop"),
+    ("/", '{"inputs": ""}', "inputs"),
     *[("/v1/completions", f'{{"model": "tiny-llama", "prompt": "hi", {field}}}', field.split('"')[1])
       for field in ('"best_of": 2', '"presence_penalty": 0.5', '"frequency_penalty": -1', '"logit_bias": {"5": 100}',
                     '"suffix": "x"')],
@@ -73,7 +77,7 @@ def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, pat
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     message = error if path == "/" else error["message"]
-    assert message.startswith("prompt"), message
+    assert message.startswith("inputs" if path == "/" else "prompt"), message
     assert "280000 characters" in message
 
 

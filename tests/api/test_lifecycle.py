@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import LLAMA, free_port, live_server, wait_ready
+from server.adapters import registry as registry_module
+from tests.conftest import FIXTURES, LLAMA, free_port, live_server, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,27 @@ def test_full_queue_answers_429(tmp_path):
         assert refused.headers["retry-after"].isdigit()
         assert refused.json()["error"]["type"] == "queue_full"
         assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] >= 1
+
+
+def test_no_free_adapter_slot_answers_503_with_retry_after_only_while_slots_are_in_use(tmp_path, monkeypatch):
+    """One slot: held by a stream, a second adapter waits for it, times out and may retry; pinned,
+    it never frees by waiting, so no Retry-After is promised."""
+    monkeypatch.setattr(registry_module, "ACQUIRE_TIMEOUT_S", 0.2)
+    peft = FIXTURES / "peft" / "tiny-llama"
+    adapters = [f"qv={peft / 'lora-qv-r8'}", f"all={peft / 'lora-all-r16'}"]
+    with live_server(tmp_path, model=LLAMA, adapter=adapters, max_resident_adapters=1) as srv, srv.client() as c:
+        body = {"prompt_token_ids": [5, 6], "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/generate?adapter=qv", json=body) as r:
+            lines = r.iter_lines()  # kept: a closed iterator closes the stream, which cancels it
+            assert next(lines).startswith("data: ")
+            busy = c.post("/generate?adapter=all", json={"prompt": "hi", "max_new_tokens": 2})
+        assert busy.status_code == 503 and busy.json()["error"]["type"] == "adapter_capacity"
+        assert busy.headers["retry-after"] == "1"
+        assert c.post("/adapters/qv/pin").status_code == 200
+        pinned = c.post("/generate?adapter=all", json={"prompt": "hi", "max_new_tokens": 2})
+        assert pinned.status_code == 503 and "pinned" in pinned.json()["error"]["message"]
+        assert "retry-after" not in pinned.headers
+        assert srv.generate(adapter="qv", prompt="hi", max_new_tokens=2)["usage"]["completion_tokens"] == 2
 
 
 def test_disconnect_cancels_and_frees_row(tmp_path):
