@@ -1,11 +1,12 @@
 """Build the bench model and its adapters, offline and deterministically.
 
-    python -m load_tests.build_bench_model --out load_tests/models [--churn]
+    python -m load_tests.build_bench_model --out load_tests/models [--churn] [--bf16]
 
 Writes `<out>/bench-llama/` (a ~75M-parameter random Llama, fp32 safetensors, with the tiny-llama
 tokenizer) and, next to it, `<out>/<adapter name>/`: PEFT LoRAs `lora-0..7` (`lora-8..63` with --churn), PEFT
 prompt tuning `prompt-20`, AdapterHub `seq_bn-rf16` and `double_seq_bn-rf16`, and `bn-0..7` (seq_bn and
-double_seq_bn in turn, for batches of many bottleneck adapters). Anything already on
+double_seq_bn in turn, for batches of many bottleneck adapters); with --bf16, `lora-bf16-0..31`: lora-i's
+tensors saved in bfloat16 (its A and B rounded), as PEFT saves a LoRA trained in it. Anything already on
 disk is kept; each folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,11 +33,14 @@ from load_tests.layout import (
     RESIDENT_LORAS,
     SEQ_BN_ADAPTER,
     BenchLayout,
+    bf16_lora_name,
     bottleneck_name,
     lora_name,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SAFETENSORS = "adapter_model.safetensors"
+BF16_LORAS = 32  # the lora-32x32-bf16 scenario's
 TOKENIZER_SOURCE = REPO_ROOT / "tests" / "fixtures" / "tiny-llama"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EOS_TOKEN_ID = 0
@@ -117,6 +122,14 @@ def build_lora(base: torch.nn.Module, index: int, target: Path) -> torch.nn.Modu
     return peft_model.unload()
 
 
+def build_bf16_lora(source: Path, target: Path) -> None:
+    """`source`'s config and its tensors in bfloat16."""
+    tensors = safetensors.torch.load_file(source / SAFETENSORS)
+    with _atomic_dir(target) as scratch:
+        shutil.copy(source / "adapter_config.json", scratch)
+        safetensors.torch.save_file({k: t.to(torch.bfloat16) for k, t in tensors.items()}, scratch / SAFETENSORS)
+
+
 def build_prompt(base: torch.nn.Module, target: Path) -> None:
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -146,7 +159,7 @@ def build_bottlenecks(layout: BenchLayout) -> None:
                 write_adapter(scratch, spec, info, seed=BOTTLENECK_SEED + offset)
 
 
-def build_all(layout: BenchLayout, lora_count: int) -> None:
+def build_all(layout: BenchLayout, lora_count: int, bf16: bool = False) -> None:
     if not layout.model_dir.exists():
         build_base(layout.model_dir)
     base: torch.nn.Module = load_base(layout.model_dir)
@@ -157,15 +170,19 @@ def build_all(layout: BenchLayout, lora_count: int) -> None:
     if not layout.adapter_dir(PROMPT_ADAPTER).exists():
         build_prompt(base, layout.adapter_dir(PROMPT_ADAPTER))
     build_bottlenecks(layout)
+    for index in range(BF16_LORAS if bf16 else 0):
+        if not layout.adapter_dir(bf16_lora_name(index)).exists():
+            build_bf16_lora(layout.adapter_dir(lora_name(index)), layout.adapter_dir(bf16_lora_name(index)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--churn", action="store_true", help=f"also build lora-{RESIDENT_LORAS}..{CHURN_LORAS - 1}")
+    parser.add_argument("--bf16", action="store_true", help=f"also build lora-bf16-0..{BF16_LORAS - 1} (and lora-8..63)")
     args = parser.parse_args(argv)
     layout = BenchLayout(args.out)
-    build_all(layout, CHURN_LORAS if args.churn else RESIDENT_LORAS)
+    build_all(layout, CHURN_LORAS if args.churn or args.bf16 else RESIDENT_LORAS, args.bf16)
     print(f"bench model and adapters ready under {args.out}")
 
 

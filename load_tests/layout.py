@@ -26,6 +26,11 @@ def lora_names(count: int) -> list[str]:
     return [lora_name(i) for i in range(count)]
 
 
+def bf16_lora_name(index: int) -> str:
+    """lora-i's weights saved in bfloat16 (as PEFT saves a LoRA trained in it): `build_bench_model --bf16`."""
+    return f"lora-bf16-{index}"
+
+
 @dataclass(frozen=True)
 class BenchLayout:
     """The folder tree written by `build_bench_model` and read by the bench and the baseline."""

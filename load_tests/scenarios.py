@@ -11,6 +11,7 @@ from load_tests.layout import (
     PROMPT_ADAPTER,
     RESIDENT_LORAS,
     SEQ_BN_ADAPTER,
+    bf16_lora_name,
     bottleneck_name,
     lora_name,
     lora_names,
@@ -29,7 +30,8 @@ DEFAULT_SCENARIOS = (
     "base", "lora-mixed", "lora-pairs", "lora-merged", "lora-unmerged", "prompt",
     "bottleneck", "all-kinds", "lora-32x8", "ramp",
 )
-ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-1", "lora-1", "base-32", "lora-32x32", "bottleneck-mixed")
+ALL_SCENARIOS = (*DEFAULT_SCENARIOS, "churn", "base-1", "lora-1", "base-32", "lora-32x32", "lora-32x32-bf16",
+                 "bottleneck-mixed")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def _plans() -> dict[str, Plan]:
         "lora-1": [_lora(0, UNMERGED)],
         "base-32": [(None, None)] * 32,
         "lora-32x32": [(lora_name(i), UNMERGED) for i in range(32)],  # 32 distinct: needs --churn files
+        "lora-32x32-bf16": [(bf16_lora_name(i), UNMERGED) for i in range(32)],  # the same saved in bf16: --bf16
         "churn": [(name, UNMERGED) for name in lora_names(CHURN_LORAS)],
     }
 
@@ -98,6 +101,8 @@ def _scenario(name: str, plan: Plan, settings: ScenarioSettings) -> Scenario:
     )
     if name == "lora-32x32":
         return Scenario(name, requests, uploads=tuple(lora_names(32)[RESIDENT_LORAS:]))
+    if name == "lora-32x32-bf16":
+        return Scenario(name, requests, uploads=tuple(map(bf16_lora_name, range(32))))
     if name == "churn":
         return Scenario(name, requests, warm=False, uploads=tuple(lora_names(CHURN_LORAS)[RESIDENT_LORAS:]))
     return Scenario(name, requests)

@@ -5,7 +5,7 @@
                  it has no LoRA; nothing copied), each row holds a slot index, and
                  server/kernels/lora_delta.cpp computes every row from its own adapter's weights
                  where they lie (BGMV). The modules of a batch share one `slot_of_row` and views of
-                 one [modules, slots, 5] table (`slot_deltas`), so a join or a leave builds two
+                 one [modules, slots, 6] table (`slot_deltas`), so a join or a leave builds two
                  tensors (32 rows of 32 adapters over 48 modules: 1.3 ms); a row's delta is the same
                  whatever else is in the batch.
     TritonDelta  CUDA with triton, any tokens per row (decode and prefill): the same slot table, on
@@ -39,7 +39,7 @@ adapters; none of the ways here does (on an H200 in bf16, launch-bound: grouped 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import cache, cached_property
 
 import torch
@@ -50,6 +50,9 @@ from server import kernels
 from server.adapters.slots import assign_slots
 
 log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = 6  # of a slot table: A, B, r, shift, DoRA g, A's and B's dtype (LoraWeights.entry)
+NARROW = ("narrow_A", "narrow_Bt")  # LoraWeights' fields that `narrowed` derives
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class LoraWeights:
     lora_bias: Tensor | None = None  # [out] bias of lora_B (merged as s·b_B)
     base_bias: Tensor | None = None  # [out] b': replaces the base layer's bias
     shift: Tensor | None = None  # [out] s·b_B + (b' − b): what an unmerged row adds besides B(A x)
+    narrow_A: Tensor | None = None  # [r, in] bfloat16 copy of a float32 A that bfloat16 holds exactly
+    narrow_Bt: Tensor | None = None  # [r, out] the same of Bᵀ: what the CPU slot kernel reads (`narrowed`)
 
     def __post_init__(self) -> None:
         if not self.B.T.is_contiguous():
@@ -82,18 +87,38 @@ class LoraWeights:
 
     @cached_property
     def entry(self) -> list[int]:
-        """Its row of a slot table: the addresses of A, B (column-major), r, and of shift and DoRA g (0: none)."""
-        return [self.A.data_ptr(), self.B.data_ptr(), self.rank, _address(self.shift), _address(self.dora_scale)]
+        """Its row of a slot table: the addresses of A, B (column-major), r, of shift and DoRA g (0:
+        none), and A's and B's dtype (0: A's)."""
+        return [self.A.data_ptr(), self.B.data_ptr(), self.rank, _address(self.shift), _address(self.dora_scale), 0]
+
+    @cached_property
+    def cpu_entry(self) -> list[int]:
+        """`entry` as the CPU kernel reads it: A and Bᵀ from their bfloat16 copies where it has them (dtype 1)."""
+        if self.narrow_A is None:
+            return self.entry
+        return [self.narrow_A.data_ptr(), self.narrow_Bt.data_ptr(), *self.entry[2:5], 1]
 
     def tensors(self) -> list[Tensor]:
         return [t for f in fields(self) if isinstance(t := getattr(self, f.name), Tensor)]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraWeights:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NARROW}
         for key, value in moved.items():
             if isinstance(value, Tensor):
                 moved[key] = value.to(device=device, dtype=dtype)
-        return LoraWeights(**moved)
+        return LoraWeights(**moved).narrowed()
+
+    def narrowed(self) -> LoraWeights:
+        """These weights with bfloat16 copies of A and Bᵀ for the CPU slot kernel, where A and B are
+        float32 values that bfloat16 holds exactly (an adapter saved in bfloat16): the kernel reads half
+        the bytes and computes the same float32 sums. A decode step of many adapters is bound by reading
+        their A and B (load_tests/lora_kernels.py --cold); every other path keeps reading A and B."""
+        if not (self.A.is_cpu and self.A.dtype == torch.float32 and kernels.cpu() is not None):
+            return self
+        a, bt = self.A.to(torch.bfloat16), self.B.T.to(torch.bfloat16)  # [r, in], [r, out]
+        if not (torch.equal(a.float(), self.A) and torch.equal(bt.float(), self.B.T)):
+            return self
+        return replace(self, narrow_A=a, narrow_Bt=bt)
 
 
 @dataclass(frozen=True)
@@ -166,14 +191,14 @@ class SlotTables:
     """What the slot deltas of one batch share: each row's slot and every module's table."""
 
     slot_of_row: Tensor  # [N] row -> slot (long on the CPU, int32 on CUDA), -1: no LoRA
-    table: Tensor  # [M, S, 5] long per module and slot: addresses of A [r, in] and B [out, r], r (0: no LoRA there), of shift and DoRA g (0: none)
+    table: Tensor  # [M, S, 6] long per module and slot: LoraWeights.entry (zeros: no LoRA there)
     scales: Tensor  # [M, S] float32: each slot's s at each module
 
     def blank(self, rows: int) -> SlotTables:
         """Tables of the same modules for up to `rows` rows and slots, no row with a slot (a CUDA
         graph's static buffers, engine/graphs.py)."""
         m = self.table.shape[0]
-        return SlotTables(self.slot_of_row.new_full((rows,), -1), self.table.new_zeros((m, rows, 5)),
+        return SlotTables(self.slot_of_row.new_full((rows,), -1), self.table.new_zeros((m, rows, TABLE_COLUMNS)),
                           self.scales.new_zeros((m, rows)))
 
     def fill(self, tables: SlotTables) -> None:
@@ -203,13 +228,18 @@ class _SlotTable:
 
     SLOT_DTYPE = torch.long
 
+    @staticmethod
+    def entry(w: LoraWeights | None) -> list[int]:
+        """A slot's row of the table: zeros (rank 0) where its adapter has no LoRA at the module."""
+        return [0] * TABLE_COLUMNS if w is None else w.entry
+
     @property
     def slot_of_row(self) -> Tensor:
         return self.tables.slot_of_row  # [N]
 
     @cached_property
     def table(self) -> Tensor:
-        return self.tables.table[self.index]  # [S, 5]
+        return self.tables.table[self.index]  # [S, 6]
 
     @cached_property
     def scales(self) -> Tensor:
@@ -241,8 +271,8 @@ class _SlotTable:
         first = next(w for w in by_slot[names[0]] if w is not None).A
         tables = SlotTables(
             torch.tensor(slots, dtype=cls.SLOT_DTYPE, device=first.device),  # [N]
-            torch.tensor([[_entry(w) for w in by_slot[n]] for n in names], dtype=torch.long,
-                         device=first.device),  # [M, S, 5]
+            torch.tensor([[cls.entry(w) for w in by_slot[n]] for n in names], dtype=torch.long,
+                         device=first.device),  # [M, S, 6]
             torch.tensor([[0.0 if w is None else w.scale for w in by_slot[n]] for n in names],
                          device=first.device))  # [M, S] float32
         return {n: cls(tuple(by_slot[n]), tuple(slots), tables, m, first.dtype,
@@ -254,6 +284,10 @@ class _SlotTable:
 @dataclass(frozen=True)
 class SlotDelta(_SlotTable):
     """The per-row delta of one wrapped module by slot on the CPU (see the module docstring)."""
+
+    @staticmethod
+    def entry(w: LoraWeights | None) -> list[int]:
+        return [0] * TABLE_COLUMNS if w is None else w.cpu_entry
 
     def apply(self, x: Tensor, out: Tensor, base_bias: Tensor | None, gate: Tensor | None = None) -> Tensor:
         """Add the delta to `out` = base_layer(x) in place and return it; `gate` [N, L, 1] bool: where
@@ -291,11 +325,6 @@ class TritonDelta(_SlotTable):
         lora_delta(x3.reshape(n * tokens, -1), out.view(n * tokens, -1), slots.reshape(-1).contiguous(), self.table,
                    self.scales, base_bias if self.dora else None, self.max_rank, tokens)  # x [T, in], out [T, out]
         return out
-
-
-def _entry(w: LoraWeights | None) -> list[int]:
-    """A slot's row of the table: rank 0 where its adapter has no LoRA at the module."""
-    return [0] * 5 if w is None else w.entry
 
 
 def _address(t: Tensor | None) -> int:

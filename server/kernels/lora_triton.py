@@ -3,10 +3,11 @@ the Triton counterpart of lora_delta.cpp, with the same slot table and the same 
 
 x: [T, in] and out: [T, out] (T = rows · tokens), out = base_layer(x) on entry; slot_of_token: [T]
 int32, -1 where the token gets no delta (a base row, an aLoRA token before its invocation); table:
-[S, 5] int64 per slot, on x's device: A's address ([r, in], row-major), B's ([out, r], stored
+[S, 6] int64 per slot, on x's device: A's address ([r, in], row-major), B's ([out, r], stored
 column-major, i.e. as Bᵀ [r, out] row-major, so a tile of outputs reads contiguous memory), r (0:
 the slot's adapter has no LoRA at this module, its tokens get no delta), the
-address of `shift` ([out], 0: none) and of DoRA's g ([out], 0: none), every tensor of x's dtype and
+address of `shift` ([out], 0: none) and of DoRA's g ([out], 0: none), and a dtype column that is 0
+here (the CPU kernel's bfloat16 copies are not read on CUDA): every tensor of x's dtype and
 kept alive by the caller; scales: [S] float32, s = alpha / r; bias: [out] or None (DoRA's x Wᵀ is
 out − bias). The kernels load each slot's addresses from the table and cast them to pointers (as
 Triton's grouped-GEMM tutorial does), so a join or a leave builds a table of a few integers and
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-COLUMNS = tl.constexpr(5)  # of the table: A, B, r, shift, g
+COLUMNS = tl.constexpr(6)  # of the table: A, B, r, shift, g, dtype (0 on CUDA: A's and B's are x's)
 NO_SLOT = tl.constexpr(2**31 - 1)  # above any slot: where a tile's finished tokens stand when the next is picked
 DECODE = (1, 16, 128, 128)  # BLOCK_M, BLOCK_R, BLOCK_K (shrink), BLOCK_N (expand): one token per program
 PREFILL = (16, 16, 32, 32)  # ... a tile of 16 tokens: the [M, R, K] and [M, N, R] products stay at 8k lanes

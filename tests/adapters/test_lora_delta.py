@@ -109,6 +109,39 @@ def test_a_rows_delta_by_slot_is_the_same_bits_alone_and_in_any_batch():
         assert torch.equal(alone[0], batch[i])
 
 
+def _bf16_exact(w: LoraWeights) -> LoraWeights:
+    """The same module with A and B rounded to bfloat16's values, kept in float32 (a bfloat16-saved LoRA)."""
+    return LoraWeights(w.A.bfloat16().float(), w.B.bfloat16().float(), w.scale, w.dora_scale, shift=w.shift)
+
+
+@needs_kernel
+def test_weights_bfloat16_holds_are_read_at_half_width_to_the_same_bits():
+    """Rows of bfloat16-exact adapters (plain, shift, DoRA) beside float32 ones: the kernel reads the
+    former's bfloat16 copies, to the formula's values (the sums are float32 as from float32 weights,
+    their vector blocking the compiler's), and a row's delta is the same bits alone and in the batch."""
+    wide = [None if w is None else _bf16_exact(w) if i % 2 == 0 or w.dora_scale is not None else w
+            for i, w in enumerate(_rows())]
+    narrow = [None if w is None else w.to("cpu", torch.float32) for w in wide]
+    assert [w is not None and w.narrow_A is not None for w in narrow] == [True, False, True, False, True, True,
+                                                                         False, False]
+    x, base_out, bias = _inputs(1, torch.float32)
+    got = module_delta(narrow).apply(x, base_out.clone(), bias)
+    torch.testing.assert_close(got.double(), _expected(x, base_out, bias, wide), atol=1e-5, rtol=1e-5)
+    for i in (0, 3, 5):
+        alone = module_delta([narrow[i]]).apply(x[i : i + 1], base_out[i : i + 1].clone(), bias)
+        assert torch.equal(alone[0], got[i])
+    assert narrow[0].narrow_Bt.shape == (8, OUT) and narrow[0].narrow_Bt.dtype == torch.bfloat16
+    assert {id(narrow[0].narrow_A), id(narrow[0].narrow_Bt)} <= {id(t) for t in narrow[0].tensors()}  # in size_bytes
+
+
+def test_weights_bfloat16_does_not_hold_or_not_float32_get_no_copies():
+    gen = torch.Generator().manual_seed(4)
+    w = lora_weights(gen, 8)
+    assert w.to("cpu", torch.float32).narrow_A is None  # float32 values bfloat16 would round
+    assert _bf16_exact(w).to("cpu", torch.bfloat16).narrow_A is None  # already that wide
+    assert _bf16_exact(w).to("cpu", torch.float64).narrow_A is None
+
+
 def shared_slots(size: tuple[int, int] = (IN, OUT), device: str = "cpu"):
     """A batch over two modules: adapter 0 targets m1 only, adapter 1 both; rows [0, base, 1, 0, 1].
     -> (slots, by_slot, each row's weights at m2)."""

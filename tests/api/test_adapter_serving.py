@@ -6,6 +6,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import safetensors.torch
 import torch
 
 from tests.adapters.conftest import GENERATED, make_adapter, peft_model
@@ -17,6 +18,7 @@ PEFT_GPT2 = FIXTURES / "peft" / "tiny-gpt2"
 HUB_GPT2 = FIXTURES / "adapterhub" / "tiny-gpt2"
 SERVED_GENERATED = ["dora", "rslora-r4", "patterns", "r1", "lora-bias", "layers", "head"]
 UNMERGEABLE = {"lora-bias"}  # lora_B bias on a base layer without bias: PEFT cannot merge it either
+NARROW = "bf16-saved"  # a LoRA saved in bfloat16: the CPU slot kernel reads its A and B at half width
 
 
 def _expected(kind_dir: str, base: str) -> dict[str, list[list[int]]]:
@@ -52,7 +54,18 @@ def llama_cases(tmp_path_factory) -> dict:
         base, config = GENERATED[name]
         folder = make_adapter(root / name, base, 100 + seed, **config)
         cases[name] = (folder, _peft_greedy("llama", folder, ref["prompts"], ref["new_tokens"]))
+    base, config = GENERATED["qkvo-mlp-r8"]
+    folder = _saved_in_bfloat16(make_adapter(root / NARROW, base, 200, **config))
+    cases[NARROW] = (folder, _peft_greedy("llama", folder, ref["prompts"], ref["new_tokens"]))
     return cases
+
+
+def _saved_in_bfloat16(folder):
+    """The adapter's tensors rewritten in bfloat16, as PEFT saves a LoRA trained in it."""
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file({k: t.to(torch.bfloat16) for k, t in tensors.items()}, path)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +108,13 @@ def test_each_adapter_alone_matches_reference(llama_srv, llama_cases):
     prompts = references("peft", "tiny-llama")["prompts"]
     for job in _jobs(llama_cases, prompts):
         assert _run(llama_srv, job) == job[3], job[:2]
+
+
+def test_a_lora_saved_in_bfloat16_is_read_at_half_width(llama_srv):
+    """Its outputs are PEFT's (the tests around); here: the slot kernel reads its bfloat16 copies."""
+    llama_srv.generate(NARROW, prompt_token_ids=[5, 6], max_new_tokens=2)
+    lora = llama_srv.app.state.registry.get(NARROW).adapter.parts.lora
+    assert lora.modules and all(w.narrow_A is not None and w.cpu_entry[5] == 1 for w in lora.modules.values())
 
 
 def test_all_kinds_mixed_concurrently(llama_srv, llama_cases):
