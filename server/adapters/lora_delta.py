@@ -29,6 +29,9 @@ layer of 4 modules, weights in cache, fp32, 2 threads of the AVX-512 dev VM; bas
 
 With the weights streamed from memory (the engine: 8 rows of 8 adapters, 32 of 32) the kernel is
 bound by the memory's bandwidth (32 rows of 32 adapters read 126 MB a step: ~6 ms on the dev VM).
+So where A and B are float32 values bfloat16 holds exactly (a LoRA saved in bf16, on a float32
+base), the kernel reads bfloat16 copies of them instead (`LoraWeights.narrowed`): half the bytes,
+the same float32 sums up to their vector blocking.
 Prefill (32 tokens a row) runs as GEMMs better than as the kernel's dots, so a SlotDelta builds its
 stacked form, once, when more than one token per row comes.
 
