@@ -114,7 +114,7 @@ class LoraWeights:
     def narrowed(self) -> LoraWeights:
         """These weights with bfloat16 copies of A and Bᵀ for the CPU slot kernel, where A and B are
         float32 values that bfloat16 holds exactly (an adapter saved in bfloat16): the kernel reads half
-        the bytes and computes the same float32 sums. A decode step of many adapters is bound by reading
+        the bytes and computes the same float32 sums (up to their vector blocking). A decode step of many adapters is bound by reading
         their A and B (load_tests/lora_kernels.py --cold); every other path keeps reading A and B."""
         if not (self.A.is_cpu and self.A.dtype == torch.float32 and kernels.cpu() is not None):
             return self
