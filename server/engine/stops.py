@@ -20,7 +20,8 @@ class StopFinder:
         self.special = frozenset(tokenizer.all_special_ids) | {i for i, tok in added if tok.special}
 
     def found(self, ids: list[int], stops: tuple[str, ...]) -> bool:
-        """Whether the text of `ids` (special tokens skipped) contains one of `stops`."""
+        """Whether the text of the last tokens of `ids` (special tokens skipped), as many as any of
+        `stops` can span, contains one of them: whatever the newest token may have completed."""
         need = max(len(s.encode("utf-8")) for s in stops) + SLACK_TOKENS
         start, kept = len(ids), 0
         while start > 0 and kept < need:

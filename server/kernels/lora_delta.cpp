@@ -125,7 +125,8 @@ void expand(const T* bt, const float* h, int64_t r, int64_t n_out, float* d) {
   }
 }
 
-// W: the type of A and B (x's, or bfloat16); the sums are float32 either way, in the same order.
+// W: the type of A and B (x's, or bfloat16); the sums are float32 either way, over the ranks in the
+// same order (the compiler's vector blocking of each sum may differ with W: float32 rounding apart).
 template <typename T, typename W>
 void one_token(const T* x, T* out, const T* bias, const Slot& slot, int64_t in, int64_t n_out,
                std::vector<float>& xf, std::vector<float>& h, std::vector<float>& d) {

@@ -115,7 +115,7 @@ def _bf16_exact(w: LoraWeights) -> LoraWeights:
 
 
 @needs_kernel
-def test_weights_bfloat16_holds_are_read_at_half_width_to_the_same_bits():
+def test_weights_bfloat16_holds_are_read_at_half_width_to_the_formula_and_alone_as_in_a_batch():
     """Rows of bfloat16-exact adapters (plain, shift, DoRA) beside float32 ones: the kernel reads the
     former's bfloat16 copies, to the formula's values (the sums are float32 as from float32 weights,
     their vector blocking the compiler's), and a row's delta is the same bits alone and in the batch."""
