@@ -42,6 +42,9 @@ class Plans:
         return None if self.lora_starts is None else (positions >= self.lora_starts)[..., None]
 
 
+NO_ADAPTERS = Plans(None, PLAIN)  # the plans of a forward of base rows
+
+
 def batch_kinds(rows: list[Request]) -> str:
     """The batch's kinds as a canonical label, e.g. `base+bottleneck+lora_unmerged` (a row that
     combines adapters counts each of its kinds)."""

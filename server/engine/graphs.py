@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from server.adapters.lora import LoraPlan
 from server.adapters.lora_delta import CHECK_TOLERANCE, SlotDelta, SlotTables, TritonDelta
-from server.engine.batch import Batch, Plans
+from server.engine.batch import NO_ADAPTERS, Batch, Plans
 from server.engine.cache import BlockTable, KVCache, StepShape
 from server.engine.prefill import Prefiller
 from server.residual import PLAIN
@@ -52,9 +52,6 @@ log = logging.getLogger(__name__)
 CHECKED_REPLAYS = 2  # of each graph: on the inputs it was captured with, then on the next step's
 MIN_RANK = 16  # the least R a graph's LoRA kernels are captured with
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # configs' expert counts
-NO_ADAPTERS = Plans(None, PLAIN)  # the plans of a step of base rows
-
-
 class Graph(Protocol):
     out: Tensor  # [R, H] the final hidden states a replay writes
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from server.adapters.lora import LoraPlan
 from server.adapters.prompt import PrefixKV, PromptAdapter
 from server.decoder import PLAIN, StepShape
-from server.engine.batch import Batch, Plans
+from server.engine.batch import NO_ADAPTERS, Batch, Plans
 from server.engine.cache import BlockTable, KVCache
 from server.engine.clock import AdapterClock, TimedHooks
 from server.engine.logprobs import TokenLogprob, token_logprobs
@@ -34,11 +34,12 @@ class Prefiller:
         self.prompt_cache = settings.prompt_cache
 
     def warm_up(self) -> None:
-        """Tiny forwards (a prefill, a decode step) so the first request does not pay for lazy initialisation."""
+        """Tiny forwards (a prefill, a decode step) of a base row, so the first request does not pay for
+        lazy initialisation; whatever plans an earlier engine left on the base's wrappers are cleared."""
         table = BlockTable()
         x = self.decoder.embed(torch.zeros((1, 2), dtype=torch.long, device=self.base.device))
-        self.decoder.forward(x, self.cache.step([table], [0], 2), self.cache)
-        self.decoder.forward(x[:, :1], self.cache.step([table], [2], 1), self.cache)
+        self._forward(x, self.cache.step([table], [0], 2), NO_ADAPTERS)
+        self._forward(x[:, :1], self.cache.step([table], [2], 1), NO_ADAPTERS)
         self.cache.release(table)
 
     def groups(self, joiners: list[Request]) -> Iterator[list[Request]]:

@@ -1,6 +1,7 @@
 """The engine hands events to the requests' event loops in batches (engine/outbox.py): every request
 gets all its events, in order, and a loop is woken once per hand-over, not once per token; a first
-token does not wait for later work. And an engine that cannot warm up is reported, not waited for."""
+token does not wait for later work. And an engine that cannot warm up is reported, not waited for;
+one on a base an earlier engine left with a LoRA plan in place warms up and serves."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from server.adapters.lora import LoraPlan, ensure_wrapped, load_lora
 from server.engine.engine import Engine, EngineSettings, EngineStartError
 from server.engine.outbox import Outbox
 from server.engine.prefill import Prefiller
@@ -16,7 +18,7 @@ from server.engine.request import DoneEvent, Request, TokenEvent
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
 from server.model import load_base_model
-from tests.conftest import LLAMA
+from tests.conftest import FIXTURES, LLAMA
 
 
 class CountingLoop(asyncio.SelectorEventLoop):
@@ -150,3 +152,26 @@ def test_an_engine_that_fails_to_warm_up_is_reported_not_waited_for(monkeypatch)
     engine.start()
     with pytest.raises(EngineStartError, match="illegal memory access"):
         engine.wait_ready()
+
+
+def test_an_engine_on_a_base_whose_wrappers_hold_an_earlier_plan_warms_up_and_serves_the_base():
+    """An earlier engine's last step left a 3-row LoRA plan on the base's wrappers: the next engine on
+    the same base warms up on a base row and serves base rows the base model's tokens."""
+    base = load_base_model(LLAMA, device="cpu", dtype="float32")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompt = [5, 9, 300, 17]
+
+    def tokens(engine: Engine) -> list[int]:
+        async def run() -> list[int]:
+            return [e.token_id async for e in engine.generate(prompt, params, None, "none") if isinstance(e, TokenEvent)]
+        engine.start()
+        try:
+            engine.wait_ready()
+            return asyncio.run(run())
+        finally:
+            engine.stop(30)
+    want = tokens(Engine(base, EngineSettings(max_batch_size=4), Metrics()))
+    adapter = load_lora(FIXTURES / "peft" / "tiny-llama" / "lora-all-r16", base.hf)
+    ensure_wrapped(base.hf, adapter.modules, base.lora_ctx)
+    base.lora_ctx.plan = LoraPlan.build([adapter] * 3)
+    assert tokens(Engine(base, EngineSettings(max_batch_size=4), Metrics())) == want
