@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 CHECKED_REPLAYS = 2  # of each graph: on the inputs it was captured with, then on the next step's
 MIN_RANK = 16  # the least R a graph's LoRA kernels are captured with
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # configs' expert counts
+
+
 class Graph(Protocol):
     out: Tensor  # [R, H] the final hidden states a replay writes
 
