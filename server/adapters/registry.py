@@ -75,6 +75,7 @@ class Registry:
         self.on_engine: Callable[[Callable[[], T]], T] = lambda fn: fn()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[asyncio.Future] = []  # admissions waiting for a release (event loop only)
+        self._combining = asyncio.Lock()  # one request at a time acquires the members of a combination
 
     # ---- registrations ---------------------------------------------------------------
 
@@ -139,6 +140,9 @@ class Registry:
         `staging` is an empty folder from `store.staging()`; the caller discards it afterwards.
         """
         check_name(name)
+        if name == self.base.name:
+            raise InvalidRequestError(f"name: expected a name other than the base model's, which `model` means on "
+                                      f"the OpenAI API (an adapter of that name could not be reached there), got {name!r}")
         if not replace and name in self._entries:
             raise AdapterExistsError(f"adapter {name!r} exists; use replace=true to replace it")
         sel = _untrusted(select, raw)
@@ -268,14 +272,19 @@ class Registry:
 
     async def acquire_all(self, parts: tuple[Part, ...]) -> Adapter | Composite:
         """Several adapters for one request (composition.check_parts' tuple): each acquired, and their
-        Composite built once per distinct combination; the caller must `release` what it gets."""
+        Composite built once per distinct combination; the caller must `release` what it gets.
+
+        Requests acquire their members one request at a time: a request holding some of its members
+        while it waits for a slot for the next holds them until requests that run release theirs,
+        but two such requests each holding slots the other waits for would wait each other out."""
         if self.max_resident and len(parts) > self.max_resident:  # they could never be resident at once
             raise InvalidRequestError(f"adapters: expected at most {self.max_resident} adapters in one request "
                                       f"(--max-resident-adapters), got {len(parts)}")
         held: list[Adapter] = []
         try:
-            for part in parts:
-                held.append(await self.acquire(part.name))
+            async with self._combining:
+                for part in parts:
+                    held.append(await self.acquire(part.name))
             if len(parts) == 1 and parts[0].weight == 1.0:
                 return held[0]
             return await self._composite(held, [p.weight for p in parts])

@@ -3,13 +3,14 @@
 uvicorn waits for running requests, then cancels them, and a cancelled request that has not
 answered yet gets uvicorn's plain-text 500. So the server starts this deadline as its shutdown
 begins (server/http.py, `--shutdown-timeout-s`) and gives uvicorn a little longer: every wait on
-the engine is bounded by the deadline, and a request still running when it passes answers 503 as
+the engine, and every wait for a resident adapter slot, is bounded by the deadline, and a request still running when it passes answers 503 as
 JSON, or as an SSE error event once its stream has started; the engine drops its row.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from server.errors import ShuttingDownError
@@ -32,14 +33,21 @@ class Drain:
 
     async def next(self, source: AsyncIterator[T]) -> T:
         """The next item of `source`, or ShuttingDownError once the deadline has passed."""
+        return await self.wait(anext(source))
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result (a wait on the engine, or for a resident adapter slot), or
+        ShuttingDownError once the deadline has passed (`awaitable` is then cancelled)."""
         if self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
             raise self._error()
         bound = asyncio.timeout_at(self.deadline)
         try:
             async with bound:
                 self._bounds.add(bound)
                 try:
-                    return await anext(source)
+                    return await awaitable
                 finally:
                     self._bounds.discard(bound)
         except TimeoutError:

@@ -121,11 +121,12 @@ class Generation:
         return Job(ids, params, adapter, resolved)
 
     async def _acquire(self, selection: Selection) -> Adapter | Composite | None:
+        """The selection's adapter(s), the wait for a resident slot bounded by the shutdown deadline."""
         if selection is None:
             return None
         if isinstance(selection, str):
-            return await self.registry.acquire(selection)
-        return await self.registry.acquire_all(selection)
+            return await self.drain.wait(self.registry.acquire(selection))
+        return await self.drain.wait(self.registry.acquire_all(selection))
 
     def _check_context(self, ids: list[int], params: SamplingParams, adapter: Adapter | Composite | None,
                        limit_name: str) -> None:

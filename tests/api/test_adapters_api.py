@@ -159,6 +159,18 @@ def test_replace_requires_flag_and_default_mode(srv, admin):
     assert out["mode"] == "merged" and out["token_ids"] == PEFT_REFS["adapters"]["lora-qv-r8"]["outputs"][0]
 
 
+def test_an_adapter_may_not_take_the_base_models_name(srv, admin):
+    """`model: <base name>` means the base model on the OpenAI API: an adapter of that name could
+    never be reached there, so it is refused, by upload and by vLLM's load alike."""
+    base = srv.app.state.generation.base.name
+    before = _snapshot(srv, admin)
+    r = upload(admin, base, files=folder_files(LORA))
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"
+    assert "base model" in r.json()["error"]["message"]
+    assert admin.post("/v1/load_lora_adapter", json={"lora_name": base, "lora_path": "loras/copy"}).status_code == 400
+    assert _snapshot(srv, admin) == before
+
+
 def test_list_get_delete(srv, admin):
     assert upload(admin, "short-lived", files=folder_files(PROMPT)).status_code == 201
     names = [a["name"] for a in admin.get("/adapters").json()["adapters"]]

@@ -161,3 +161,24 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_two_combinations_that_together_need_more_slots_than_there_are_both_run(tmp_path, monkeypatch):
+    """Two slots; two requests each combining two adapters of their own, their loads slow enough to
+    interleave. Each holding one member while it waited for a slot for its second would have held
+    the other's slot until the acquire timeout; one at a time, both are served."""
+    monkeypatch.setattr(registry_module, "ACQUIRE_TIMEOUT_S", 5.0)
+    read = registry_module.Registry._read
+    monkeypatch.setattr(registry_module.Registry, "_read", lambda self, entry: time.sleep(0.5) or read(self, entry))
+    peft = FIXTURES / "peft" / "tiny-llama"
+    adapters = [f"qv{i}={peft / 'lora-qv-r8'}" for i in (1, 2)] + [f"all{i}={peft / 'lora-all-r16'}" for i in (1, 2)]
+    with live_server(tmp_path, model=LLAMA, adapter=adapters, max_resident_adapters=2) as srv:
+        def combined(i: int) -> httpx.Response:
+            body = {"prompt": "hi", "max_new_tokens": 2, "adapters": [{"name": f"qv{i}", "weight": 0.5},
+                                                                        {"name": f"all{i}", "weight": 0.5}]}
+            with srv.client() as c:
+                return c.post("/generate", json=body)
+
+        with ThreadPoolExecutor(2) as pool:
+            responses = list(pool.map(combined, (1, 2)))
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]

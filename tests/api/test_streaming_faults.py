@@ -149,3 +149,27 @@ def test_a_bug_is_answered_as_json_500(srv, monkeypatch, stream):
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["type"] == "internal_error" and "RuntimeError" in r.json()["error"]["message"]
     assert in_use(srv) == 0
+
+
+def test_a_request_waiting_for_an_adapter_slot_at_shutdown_gets_503_not_a_plain_500(tmp_path):
+    """One slot, held past the shutdown by something the drain does not end (here the test itself,
+    on the server's loop); a request for another adapter waits for it (up to 60 s) when the
+    shutdown begins: past --shutdown-timeout-s it answers JSON 503 shutting_down, not uvicorn's 500."""
+    adapters = [f"qv={QV}", f"other={QV}"]
+    with live_server(tmp_path, as_main=True, model=LLAMA, adapter=adapters, max_resident_adapters=1,
+                     shutdown_timeout_s=1) as s:
+        registry = s.app.state.registry
+        s.generate("qv", prompt="hi", max_new_tokens=1)  # the registry now knows the server's loop
+        asyncio.run_coroutine_threadsafe(registry.acquire("qv"), registry._loop).result(10)
+        waiting: dict = {}
+
+        def for_other():
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                waiting["r"] = c.post("/generate?adapter=other", json={"prompt": "hi", "max_new_tokens": 2})
+
+        caller = threading.Thread(target=for_other)
+        caller.start()
+        wait_until(lambda: registry.get("other").waiting == 1, what="a request waiting for a slot")
+        s.server.should_exit = True
+        caller.join(30)
+        assert waiting["r"].status_code == 503 and waiting["r"].json()["error"]["type"] == "shutting_down"
