@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -170,20 +171,27 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _describe(exc: RequestValidationError) -> str:
-    """One line per problem: where, what was expected, what came."""
-    parts = []
+    """One line per field at fault: where, what was expected, what came. A value that matched no member
+    of a union (`prompt`: a string, token ids, ...) is one line naming what each member wanted."""
+    parts: dict[str, list[str]] = {}  # where -> what was expected, in pydantic's order
+    got: dict[str, object] = {}
     for err in exc.errors():
         if err.get("type") == "json_invalid":  # loc: ("body", character offset)
             offset, why = err["loc"][-1], err.get("ctx", {}).get("error", "invalid")
-            parts.append(f"body: expected a JSON object, got invalid JSON at character {offset} ({why})")
+            return f"body: expected a JSON object, got invalid JSON at character {offset} ({why})"
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and not UNION_MEMBER.search(str(p)))
+        if err.get("type") == "value_error" and FIELD_FIRST.match(str(err["ctx"]["error"])):
+            message = str(err["ctx"]["error"])  # a model's own check: its message names the field
+            parts.setdefault(f"{where}.{message}" if where else message, [])
             continue
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        if where == "body" and err.get("type") == "value_error":  # a model's own check: its message names the field
-            parts.append(str(err["ctx"]["error"]))
-            continue
-        got = err.get("input")
-        parts.append(f"{where}: {err.get('msg', 'invalid')}; got {_short(got)}")
-    return "; ".join(parts)
+        parts.setdefault(where or "body", []).append(err.get("msg", "invalid").removeprefix("Value error, "))
+        got.setdefault(where or "body", err.get("input"))
+    return "; ".join(where if not wants else f"{where}: {' or '.join(dict.fromkeys(wants))}; got {_short(got[where])}"
+                     for where, wants in parts.items())
+
+
+UNION_MEMBER = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict)$")  # pydantic's tag of a union member in a loc
+FIELD_FIRST = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*: ")  # a message that starts with the field it is about
 
 
 def _short(value: object) -> str:

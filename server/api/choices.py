@@ -31,7 +31,7 @@ def sample_params(params: SamplingParams, j: int) -> SamplingParams:
 
 
 async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[int]], n: int,
-                       params: SamplingParams, limit_name: str) -> list[Choice]:
+                       params: SamplingParams, mode: str | None, limit_name: str) -> list[Choice]:
     """Check and acquire every choice's job; if one is refused, the ones already made are released."""
     most = gen.engine.settings.max_waiting  # more choices than may wait could never all be queued
     if len(prompts) * n > most:
@@ -41,7 +41,7 @@ async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[i
     try:
         for i, ids in enumerate(prompts):
             for j in range(n):
-                job = await gen.job(adapter, ids, sample_params(params, j), None, limit_name)
+                job = await gen.job(adapter, ids, sample_params(params, j), mode, limit_name)
                 choices.append(Choice(i * n + j, i, job))
     except BaseException:
         for c in choices:

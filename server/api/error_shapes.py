@@ -19,18 +19,22 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 422: "invalid_request_error", 429: "rate_limit_error"}
 OPENAI_CODES = {"adapter_not_found": "model_not_found"}
 LORAX_TYPES = {"invalid_request": "validation", "queue_full": "overloaded", "generation_failed": "generation"}
-FIELD_AT_FAULT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
+# the field a message starts with (`prompt + max_tokens: ...`: max_tokens, the one a client would change)
+FIELD_AT_FAULT = re.compile(r"(?:prompt \+ )?([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*): ")
 
 
 def error_response(path: str, status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
     """The JSON error for a request to `path`, in that route family's shape."""
+    return JSONResponse(error_body(path, status, type_, message), status_code=status, headers=headers)
+
+
+def error_body(path: str, status: int, type_: str, message: str) -> dict:
+    """An error in the shape of `path`'s route family: a response's body, or a stream's last event."""
     if path.startswith("/v1/"):
-        body = {"error": openai_error(status, type_, message)}
-    elif path == "/" or path.startswith(LORAX_PATHS):
-        body = {"error": message, "error_type": LORAX_TYPES.get(type_, type_)}
-    else:
-        body = {"error": {"type": type_, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
+        return {"error": openai_error(status, type_, message)}
+    if path == "/" or path.startswith(LORAX_PATHS):
+        return {"error": message, "error_type": LORAX_TYPES.get(type_, type_)}
+    return {"error": {"type": type_, "message": message}}
 
 
 def openai_error(status: int, type_: str, message: str) -> dict:

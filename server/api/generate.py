@@ -26,7 +26,7 @@ async def generate(body: GenerateBody, request: Request, adapter: str | None = N
     ids = await gen.tokenize(body.prompt, body.prompt_token_ids)
     job = await gen.job(body.parts() or adapter or None, ids, body.params(body.max_new_tokens), body.mode)
     if body.stream:
-        return await _sse(gen, job)
+        return await _sse(gen, job, request.url.path)
     return JSONResponse(_response(job, await gen.run(job)))
 
 
@@ -43,7 +43,7 @@ def _response(job: Job, out: Outcome) -> dict:
     }
 
 
-async def _sse(gen: Generation, job: Job) -> EventStream:
+async def _sse(gen: Generation, job: Job, path: str) -> EventStream:
     """One event per token, then one with the whole response; refusals come before the 200."""
     first, rest = await gen.start(job)
 
@@ -54,4 +54,4 @@ async def _sse(gen: Generation, job: Job) -> EventStream:
             return tail + f"data: {json.dumps(_response(job, out))}\n\n"
         return f"data: {json.dumps({'token_id': token_id, 'text': delta})}\n\n"
 
-    return stream_response(first, rest, render)
+    return stream_response(first, rest, render, path)

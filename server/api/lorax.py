@@ -146,7 +146,7 @@ async def generate_stream(body: LoraxRequest, request: Request) -> EventStream:
     job = await _job(gen, body, request)
     first, rest = await gen.start(job)
     prefix = body.inputs if body.parameters.return_full_text else ""
-    return stream_response(first, rest, _StreamRenderer(gen, job, body.parameters, prefix))
+    return stream_response(first, rest, _StreamRenderer(gen, job, body.parameters, prefix), request.url.path)
 
 
 async def _generate(body: LoraxRequest, request: Request) -> dict:

@@ -46,10 +46,11 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [await (gen.tokenize(p, None) if isinstance(p, str) else gen.tokenize(None, p)) for p in body.prompts()]
     params = body.params(body.max_tokens)
     selection = selection_of(request.app, body.model, body.parts())
-    choices = await open_choices(gen, selection, prompts, body.n, params, "max_tokens")
+    choices = await open_choices(gen, selection, prompts, body.n, params, body.mode, "max_tokens")
     rid, model = f"cmpl-{uuid.uuid4().hex[:24]}", _model(body.model, choices)
     if body.stream:
-        return await _stream(gen, choices, fmt.Chunks(rid, model, False, body.include_usage), strip=False)
+        return await _stream(gen, choices, fmt.Chunks(rid, model, False, body.include_usage), request.url.path,
+                             strip=False)
     outs = await run_choices(gen, choices)
     texts = [_completion_choice(gen, body, c, o) for c, o in zip(choices, outs)]
     return JSONResponse({**fmt.envelope(rid, model, False, texts), "usage": fmt.usage(choices, outs)})
@@ -90,10 +91,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     ids = await gen.tokenize(None, ids)
     selection = selection_of(request.app, body.model, body.parts())
     params = body.params(body.limit(default_max_tokens(request.app, selection, ids)))
-    choices = await open_choices(gen, selection, [ids], body.n, params, "max_tokens")
+    choices = await open_choices(gen, selection, [ids], body.n, params, body.mode, body.limit_name)
     rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", _model(body.model, choices)
     if body.stream:
-        return await _stream(gen, choices, fmt.Chunks(rid, model, True, body.include_usage), strip=not templated)
+        return await _stream(gen, choices, fmt.Chunks(rid, model, True, body.include_usage), request.url.path,
+                             strip=not templated)
     outs = await run_choices(gen, choices)
     replies = [_chat_choice(gen, body, c, o, templated) for c, o in zip(choices, outs)]
     return JSONResponse({**fmt.envelope(rid, model, True, replies), "usage": fmt.usage(choices, outs)})
@@ -104,8 +106,8 @@ def _chat_choice(gen: Generation, body: ChatRequest, c: Choice, out: Outcome, te
     return fmt.chat_choice(c.index, out.text if templated else out.text.lstrip(), out.finish_reason, lp)
 
 
-async def _stream(gen: Generation, choices: list[Choice], chunks: fmt.Chunks, strip: bool) -> EventStream:
+async def _stream(gen: Generation, choices: list[Choice], chunks: fmt.Chunks, path: str, strip: bool) -> EventStream:
     """Every choice's chunks as they come; a refusal (before the first token) is answered before any header."""
     items = stream_choices(gen, choices)
     first = await anext(items)  # a failed anext has already finalized `items`
-    return stream_response(first, items, fmt.StreamRenderer(chunks, choices, strip), end=fmt.DONE)
+    return stream_response(first, items, fmt.StreamRenderer(chunks, choices, strip), path, end=fmt.DONE)

@@ -27,10 +27,13 @@ def usage(choices: list[Choice], outs: list[Outcome]) -> dict:
             "prompt_tokens_details": {"cached_tokens": n_cached}}
 
 
-def envelope(rid: str, model: str, chat: bool, choices: list[dict], chunk: bool = False) -> dict:
+def envelope(rid: str, model: str, chat: bool, choices: list[dict], chunk: bool = False,
+             created: int | None = None) -> dict:
+    """`created`: the answer's time (a stream's chunks all carry its first one); None: now."""
     kind = "chat.completion" if chat else "text_completion"
-    return {"id": rid, "object": f"{kind}.chunk" if chunk and chat else kind, "created": int(time.time()),
-            "model": model, "choices": choices}
+    return {"id": rid, "object": f"{kind}.chunk" if chunk and chat else kind,
+            "created": int(time.time()) if created is None else created, "model": model,
+            "system_fingerprint": None, "choices": choices}
 
 
 def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
@@ -47,20 +50,22 @@ def chat_delta(index: int, delta: dict, finish_reason: str | None = None) -> dic
 
 
 class Chunks:
-    """The `data:` lines of one streamed answer; with include_usage every chunk has `usage: null`
-    and a last chunk with `choices: []` carries the usage (OpenAI's stream_options)."""
+    """The `data:` lines of one streamed answer, all with the time it began as `created`; with
+    include_usage every chunk has `usage: null` and a last chunk with `choices: []` carries the usage
+    (OpenAI's stream_options)."""
 
     def __init__(self, rid: str, model: str, chat: bool, include_usage: bool) -> None:
         self.rid, self.model, self.chat, self.include_usage = rid, model, chat, include_usage
+        self.created = int(time.time())
 
     def choice(self, choice: dict) -> str:
-        body = envelope(self.rid, self.model, self.chat, [choice], chunk=True)
+        body = envelope(self.rid, self.model, self.chat, [choice], chunk=True, created=self.created)
         if self.include_usage:
             body["usage"] = None
         return _data(body)
 
     def usage(self, counts: dict) -> str:
-        body = envelope(self.rid, self.model, self.chat, [], chunk=True)
+        body = envelope(self.rid, self.model, self.chat, [], chunk=True, created=self.created)
         body["usage"] = counts
         return _data(body)
 

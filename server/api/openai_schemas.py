@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,14 +15,22 @@ from server.engine.sampling import SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per prompt
 
-# name -> whether a value (of a body `data`) changes nothing
+# name -> whether a value (of a body `data`) changes nothing: OpenAI's fields, and the extra fields vLLM
+# documents for its OpenAI server (a client moving from vLLM sends them)
 UNIMPLEMENTED: dict[str, Callable[[object, dict], bool]] = {
-    "best_of": lambda v, data: v == data.get("n", 1),
+    "best_of": lambda v, data: v == (data.get("n") or 1),
     **{name: (lambda v, data: v == 0) for name in ("presence_penalty", "frequency_penalty", "min_tokens", "min_p")},
-    "repetition_penalty": lambda v, data: v == 1,
+    **{name: (lambda v, data: v == 1) for name in ("repetition_penalty", "length_penalty")},
     "response_format": lambda v, data: v == {"type": "text"},
+    "modalities": lambda v, data: v == ["text"],
     **{name: (lambda v, data: v in ("none", "auto")) for name in ("tool_choice", "function_call")},
-    **{name: (lambda v, data: not v) for name in ("logit_bias", "suffix", "tools", "functions", "stop_token_ids")},
+    **{name: (lambda v, data: v is True) for name in ("skip_special_tokens", "spaces_between_special_tokens",
+                                                      "add_generation_prompt")},
+    **{name: (lambda v, data: not v) for name in (
+        "logit_bias", "suffix", "tools", "functions", "stop_token_ids", "include_stop_str_in_output",
+        "allowed_token_ids", "bad_words", "use_beam_search", "structured_outputs", "return_tokens_as_token_ids",
+        "continue_final_message", "chat_template", "chat_template_kwargs", "documents", "audio", "prompt_logprobs",
+        "truncate_prompt_tokens", "prompt_embeds", "guided_decoding_backend")},
     **{name: (lambda v, data: False) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},
 }
 
@@ -36,20 +45,36 @@ class NullIsAbsent(BaseModel):
 
 
 class StreamOptions(NullIsAbsent):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: not implemented, refused when true
+
+    @model_validator(mode="after")
+    def _implemented(self) -> "StreamOptions":
+        if self.continuous_usage_stats:
+            raise ValueError("continuous_usage_stats: expected false (hotswap sends the usage once, in the last "
+                             "chunk, with include_usage), got true")
+        return self
 
 
 class Choices(NullIsAbsent):
     """What both APIs share: how many choices per prompt and what a stream carries."""
 
+    unimplemented: ClassVar[dict[str, Callable[[object, dict], bool]]] = UNIMPLEMENTED
+
     n: int = Field(1, ge=1, le=MAX_N)
-    stream_options: StreamOptions = Field(default_factory=StreamOptions)
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _options_need_a_stream(self) -> "Choices":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: expected it only with stream: true (as OpenAI), got it with stream: false")
+        return self
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options.include_usage
+        return self.stream_options is not None and self.stream_options.include_usage
 
     @model_validator(mode="before")
     @classmethod
@@ -57,7 +82,7 @@ class Choices(NullIsAbsent):
         """OpenAI's and vLLM's fields that hotswap does not implement: accepted where they change nothing
         (clients send their defaults), refused otherwise, never silently ignored."""
         if isinstance(data, dict):
-            for name, neutral in UNIMPLEMENTED.items():
+            for name, neutral in cls.unimplemented.items():
                 if data.get(name) is not None and not neutral(data[name], data):
                     raise ValueError(f"{name}: expected it unset, or set so that it changes nothing (hotswap does "
                                      f"not implement it), got {data[name]!r}")
@@ -75,6 +100,9 @@ class CompletionRequest(Choices, CompletionBody):
 
 
 class ChatRequest(Choices, ChatBody):
+    unimplemented: ClassVar[dict[str, Callable[[object, dict], bool]]] = {
+        **UNIMPLEMENTED, "echo": lambda v, data: not v}  # vLLM's: the last turn before the reply
+
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 

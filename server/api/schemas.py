@@ -66,7 +66,9 @@ class AdapterEntry(BaseModel):
 
 
 class SamplingFields(KnownFields):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN and ±inf are refused in every float field
+    # NaN and ±inf are refused in every float field; no value of another JSON type is converted ("5" for
+    # an int, 1 for a bool), as OpenAI refuses them; an int stands for a float
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
     misplaced: ClassVar[dict[str, str]] = {
         name: "the adapter as `model` (several: an `adapters` list of {name, weight})"
         for name in ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request")
@@ -76,7 +78,7 @@ class SamplingFields(KnownFields):
 
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # 0 and -1 (vLLM's older "off"): every token
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StopText | Stops | None = None
     ignore_eos: bool = False
@@ -87,7 +89,7 @@ class SamplingFields(KnownFields):
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=tuple(s for s in stops if s),
             ignore_eos=self.ignore_eos,
@@ -104,7 +106,24 @@ class Composable(BaseModel):
         return None if self.adapters is None else check_parts([Part(a.name, a.weight) for a in self.adapters])
 
 
-class GenerateBody(Composable, SamplingFields):
+class Moded(BaseModel):
+    """Requests that may choose how a LoRA runs: `mode` merged or unmerged (None: the adapter's default)."""
+
+    mode: Literal["merged", "unmerged"] | None = None
+
+
+class OpenAIFields(SamplingFields):
+    """What the OpenAI bodies share: /generate's own names for their fields are refused with the OpenAI
+    name, since dropping them would change the request."""
+
+    misplaced: ClassVar[dict[str, str]] = {
+        **SamplingFields.misplaced,
+        "max_new_tokens": "max_tokens",
+        "prompt_token_ids": "the token ids as `prompt` (completions)",
+    }
+
+
+class GenerateBody(Moded, Composable, SamplingFields):
     strict: ClassVar[bool] = True  # our own API: a field it does not define is a mistake, never ignored
     misplaced: ClassVar[dict[str, str]] = {
         name: "the adapter in the query, POST /generate?adapter=NAME (several: an `adapters` list of {name, weight})"
@@ -115,10 +134,9 @@ class GenerateBody(Composable, SamplingFields):
     prompt_token_ids: list[StrictInt] | None = None
     max_new_tokens: int = Field(16, ge=1)
     stream: bool = False
-    mode: Literal["merged", "unmerged"] | None = None
 
 
-class CompletionBody(Composable, SamplingFields):
+class CompletionBody(Moded, Composable, OpenAIFields):
     model: str
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: int = Field(16, ge=0)  # 0 only with echo: score the prompt, generate nothing
@@ -138,7 +156,7 @@ class CompletionBody(Composable, SamplingFields):
 class TextPart(BaseModel):
     """One part of a message's content: this server serves text models, so text parts only."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     _utf8 = field_validator("*")(encodable)
 
@@ -147,20 +165,42 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """One turn. `name` and `tool_call_id` go to the chat template with it; tool calls are refused (the
+    server runs no tools, and a template would drop them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     _utf8 = field_validator("*")(encodable)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list | None = None
+    function_call: dict | None = None
+
+    @model_validator(mode="after")
+    def _checked(self) -> "ChatMessage":
+        if self.tool_calls or self.function_call:
+            field = "tool_calls" if self.tool_calls else "function_call"
+            raise ValueError(f"{field}: expected none (hotswap runs no tools), got {field} in the turn")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: expected text in a {self.role} turn (only an assistant turn may have "
+                             "none), got none")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def turn(self) -> dict:
+        """The turn as a chat template reads it."""
+        extra = {k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v is not None}
+        return {"role": self.role, "content": self.text(), **extra}
 
-class ChatBody(Composable, SamplingFields):
+
+class ChatBody(Moded, Composable, OpenAIFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -172,3 +212,8 @@ class ChatBody(Composable, SamplingFields):
 
     def limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+    @property
+    def limit_name(self) -> str:
+        """The field `limit` came from, as errors name it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"

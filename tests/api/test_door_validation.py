@@ -52,6 +52,38 @@ REFUSED = [
     ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [' + ", ".join(['{"role": "user", "content": ""}'] * 2049)
      + "]}", "messages"),  # more turns than the context has positions
     ("/generate", b'{"prompt": "\xff"}', "body"),  # not UTF-8
+    # no value of another JSON type is converted (OpenAI refuses them): "5" is no int, true no 1
+    *[(path, body[:-1] + f", {field}}}", field.split('"')[1]) for path, body in (
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi"}'),
+        ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}'))
+      for field in ('"max_tokens": "5"', '"max_tokens": true', '"n": "2"', '"stream": "yes"', '"temperature": "1"',
+                    '"seed": 1.5')],
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "logprobs": true}', "logprobs"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "echo": "yes"}', "echo"),
+    ("/generate", '{"prompt": "hi", "max_new_tokens": "5"}', "max_new_tokens"),
+    # vLLM's extra fields, at values that would change the answer: refused, not ignored
+    *[(path, body[:-1] + f", {field}}}", field.split('"')[1]) for path, body in (
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi"}'),
+        ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}'))
+      for field in ('"include_stop_str_in_output": true', '"allowed_token_ids": [1]', '"bad_words": ["x"]',
+                    '"use_beam_search": true', '"length_penalty": 2', '"skip_special_tokens": false',
+                    '"structured_outputs": {"choice": ["a"]}', '"return_tokens_as_token_ids": true',
+                    '"prompt_logprobs": 1', '"truncate_prompt_tokens": 5', '"modalities": ["audio"]',
+                    '"stream": true, "stream_options": {"continuous_usage_stats": true}'.replace('"stream": true, ', ''),
+                    '"mode": "bogus"', '"max_new_tokens": 5')],
+    ("/v1/completions", '{"model": "tiny-llama", "prompt_token_ids": [5], "prompt": "hi"}', "prompt_token_ids"),
+    *[("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
+       f'{field}}}', field.split('"')[1]) for field in (
+        '"add_generation_prompt": false', '"continue_final_message": true', '"echo": true',
+        '"chat_template": "{{ x }}"', '"chat_template_kwargs": {"enable_thinking": false}',
+        '"stream_options": {"include_usage": true}')],  # stream_options only with stream: true
+    # turns the server cannot honour: tool calls it would drop, a user turn without content
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}, '
+     '{"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", '
+     '"function": {"name": "f", "arguments": "{}"}}]}]}', "messages.1.tool_calls"),
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": null}]}',
+     "messages.0.content"),
 ]
 
 
@@ -83,7 +115,9 @@ def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, pat
 
 def test_unimplemented_fields_at_values_that_change_nothing_are_served(llama_server):
     neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0, "tools": [],
-               "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1}
+               "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "n": None,
+               "skip_special_tokens": True, "include_stop_str_in_output": False, "add_generation_prompt": True,
+               "length_penalty": 1, "modalities": ["text"], "top_k": -1, "stream_options": None}
     with llama_server.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **neutral,
                                                  "messages": [{"role": "user", "content": "hi"}]})

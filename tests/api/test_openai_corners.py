@@ -179,3 +179,46 @@ def test_chat_without_max_tokens_runs_to_the_context_end(client, server):
     assert 2048 - 400 < n_prompt < 2048 - 256, "the prompt should leave more than 256 tokens of room"
     out = client.chat.completions.create(model="tiny-llama", messages=messages, **GREEDY)
     assert out.usage.completion_tokens == 2048 - n_prompt
+
+
+def test_mode_chooses_merged_or_unmerged_per_request_on_the_openai_api_too(client, server):
+    """`mode` as an extra body field: the same tokens either way (merged == unmerged), the mode used
+    is the one asked for (the server counts it), and merged without a LoRA is refused as /generate refuses it."""
+    def ran(mode: str) -> float:
+        with httpx.Client(base_url=server.url) as c:
+            metrics = c.get("/metrics").text
+        return sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+                   if line.startswith("hotswap_requests_total{") and f'mode="{mode}"' in line)
+    before = ran("merged")
+    merged = _text(client, "def add(a, b):", "lora", max_tokens=8, extra_body={"ignore_eos": True, "mode": "merged"})
+    unmerged = _text(client, "def add(a, b):", "lora", max_tokens=8, extra_body={"ignore_eos": True, "mode": "unmerged"})
+    assert merged == unmerged and ran("merged") == before + 1
+    with pytest.raises(openai.BadRequestError) as err:
+        _text(client, "x", "tiny-llama", extra_body={"mode": "merged"})
+    assert err.value.body["param"] == "mode"
+
+
+def test_a_stream_has_one_created_time_and_a_system_fingerprint(client):
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=16, n=4, stream=True,
+                                                 **GREEDY))
+    assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+    assert all("system_fingerprint" in c.model_fields_set for c in chunks)
+
+
+def test_a_turns_name_reaches_the_prompt(client):
+    plain = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=1)
+    named = client.chat.completions.create(model="tiny-llama", messages=[{**CHAT[0], "name": "ada"}], max_tokens=1)
+    assert named.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
+def test_errors_name_the_field_the_client_sent(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-llama", messages=CHAT, max_completion_tokens=5000)
+    assert err.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-llama", prompt=123)
+    body = err.value.body
+    assert body["param"] == "prompt" and "a valid string" in body["message"] and "list[int]" not in body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2100)
+    assert err.value.body["param"] == "max_tokens"

@@ -147,6 +147,29 @@ def test_a_layer_raising_fails_only_its_request(srv, poisoned, stage):
         assert f"injected fault in {stage}" in _error(r, 500, "generation_failed")
 
 
+@pytest.mark.parametrize("path,body,error", [
+    ("/generate?adapter=poison-bn", {"stream": True, "max_new_tokens": N_NEW, "ignore_eos": True},
+     {"type": "generation_failed"}),
+    ("/v1/completions", {"model": "poison-bn", "stream": True, "max_tokens": N_NEW, "ignore_eos": True},
+     {"type": "server_error", "code": "generation_failed", "param": None}),
+    ("/generate_stream", {"parameters": {"adapter_id": "poison-bn", "max_new_tokens": N_NEW}},
+     {"error_type": "generation"}),
+], ids=["native", "openai", "lorax"])
+def test_a_fault_after_the_stream_began_ends_it_with_an_error_in_its_apis_shape(srv, poisoned, path, body, error):
+    """The 200 has gone with the first token (from the prefill); the decode step's fault is the
+    stream's last event, shaped as the route's errors are: OpenAI clients read message, type,
+    param and code, lorax-client reads error and error_type."""
+    poisoned("decode")
+    text = "def fibonacci(n):"  # tokens enough that the prefill is not a one-token (decode-shaped) step
+    prompt = {"inputs": text} if path == "/generate_stream" else {"prompt": text}
+    with httpx.Client(base_url=srv.url, timeout=WAIT_S) as c, c.stream("POST", path, json={**prompt, **body}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert r.status_code == 200
+    last = events[-1] if "error_type" in error else events[-1]["error"]
+    assert error.items() <= last.items(), last
+    assert "injected fault in decode" in (last["error"] if "error_type" in error else last["message"])
+
+
 def test_sampling_raising_fails_only_its_request(srv, monkeypatch):
     sampled = [(None, _greedy(p, temperature=0.8, top_k=40, seed=s)) for s, p in enumerate(REF["prompts"])]
     solo = [_post(srv, *job).json()["token_ids"] for job in sampled]
