@@ -102,7 +102,7 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 
 def _chat_choice(gen: Generation, body: ChatRequest, c: Choice, out: Outcome, templated: bool) -> dict:
-    lp = chat_logprobs(gen.base.tokenizer, out) if body.logprobs else None
+    lp = chat_logprobs(gen.base.tokenizer, out, strip=not templated) if body.logprobs else None
     return fmt.chat_choice(c.index, out.text if templated else out.text.lstrip(), out.finish_reason, lp)
 
 

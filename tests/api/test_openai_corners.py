@@ -97,9 +97,11 @@ def test_chat_logprobs_shape(client):
     content = out.choices[0].logprobs.content
     assert len(content) == 6
     for entry in content:
-        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 3
+        assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy: the best one
-    assert "".join(e.token for e in content).lstrip() == out.choices[0].message.content
+    # the tokens' bytes join into the reply (no template: its leading whitespace, and those tokens, left out)
+    assert bytes(b for e in content for b in e.bytes).decode().lstrip() == out.choices[0].message.content
+    assert not content[0].token.isspace()
     bare = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2, logprobs=True, **GREEDY)
     assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
     assert client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2).choices[0].logprobs is None
