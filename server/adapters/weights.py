@@ -85,7 +85,8 @@ def check_safetensors_header(path: Path) -> None:
             raise AdapterFormatError(path.name, "a safetensors file (8-byte header length)", f"{size} bytes")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise AdapterFormatError(path.name, f"a header of at most {size - 8} bytes", f"{n} bytes (truncated?)")
+            raise AdapterFormatError(path.name, f"a header that fits the file's {size - 8} bytes after its length",
+                                     f"a header of {n} bytes (the file is truncated?)")
         if n > MAX_HEADER_BYTES:
             raise PayloadTooLargeError(f"{path.name}: expected a safetensors header of at most {MAX_HEADER_BYTES} "
                                        f"bytes, got {n}")
