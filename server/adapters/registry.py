@@ -232,10 +232,11 @@ class Registry:
 
     # ---- requests --------------------------------------------------------------------
 
-    async def acquire(self, name: str) -> Adapter:
-        """The adapter's resident weights, loading them on first use; the caller must `release` it."""
+    async def acquire(self, name: str, deadline: float | None = None) -> Adapter:
+        """The adapter's resident weights, loading them on first use; the caller must `release` it.
+        A slot is waited for until `deadline` (event-loop time; None: ACQUIRE_TIMEOUT_S from now)."""
         self._loop = asyncio.get_running_loop()
-        deadline = self._loop.time() + ACQUIRE_TIMEOUT_S
+        deadline = self._loop.time() + ACQUIRE_TIMEOUT_S if deadline is None else deadline
         if self.shared:
             await asyncio.to_thread(self.sync, name)
         while True:
@@ -274,17 +275,16 @@ class Registry:
         """Several adapters for one request (composition.check_parts' tuple): each acquired, and their
         Composite built once per distinct combination; the caller must `release` what it gets.
 
-        Requests acquire their members one request at a time: a request holding some of its members
-        while it waits for a slot for the next holds them until requests that run release theirs,
-        but two such requests each holding slots the other waits for would wait each other out."""
+        Members all resident are taken at once. Else requests acquire their members one request at a
+        time: a request holding some of its members while it waits for a slot for the next holds them
+        until requests that run release theirs, but two such requests each holding slots the other
+        waits for would wait each other out. The whole wait, for its turn too, is ACQUIRE_TIMEOUT_S."""
         if self.max_resident and len(parts) > self.max_resident:  # they could never be resident at once
             raise InvalidRequestError(f"adapters: expected at most {self.max_resident} adapters in one request "
                                       f"(--max-resident-adapters), got {len(parts)}")
         held: list[Adapter] = []
         try:
-            async with self._combining:
-                for part in parts:
-                    held.append(await self.acquire(part.name))
+            held = self._take_resident([p.name for p in parts]) or await self._acquire_in_turn(parts)
             if len(parts) == 1 and parts[0].weight == 1.0:
                 return held[0]
             return await self._composite(held, [p.weight for p in parts])
@@ -292,6 +292,41 @@ class Registry:
             for adapter in held:
                 self.release(adapter)
             raise
+
+    def _take_resident(self, names: list[str]) -> list[Adapter] | None:
+        """Each named adapter, one more user each, if all are resident (and current: not with a shared
+        store, whose manifests `acquire` reads again); else None and nothing taken."""
+        with self._lock:
+            entries = [self._entries.get(name) for name in names]
+            if self.shared or not all(e is not None and e.adapter is not None for e in entries):
+                return None
+            return [self._take(e) for e in entries]
+
+    async def _acquire_in_turn(self, parts: tuple[Part, ...]) -> list[Adapter]:
+        """Each member acquired, one request at a time (one member waits holding nothing: no turn),
+        within ACQUIRE_TIMEOUT_S of now."""
+        if len(parts) == 1:
+            return [await self.acquire(parts[0].name)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ACQUIRE_TIMEOUT_S
+        held: list[Adapter] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._combining.acquire()
+        except TimeoutError as exc:
+            raise AdapterCapacityError(f"adapters: no turn to acquire {len(parts)} adapters within "
+                                       f"{ACQUIRE_TIMEOUT_S:.0f}s (other requests combining adapters wait for "
+                                       "slots); retry later", retry_after_s=1) from exc
+        try:
+            for part in parts:
+                held.append(await self.acquire(part.name, deadline))
+        except BaseException:
+            for adapter in held:
+                self.release(adapter)
+            raise
+        finally:
+            self._combining.release()
+        return held
 
     async def _composite(self, held: list[Adapter], weights: list[float]) -> Composite:
         key = Composites.key(held, weights)
@@ -304,6 +339,12 @@ class Registry:
             if any(self._resident.get(a.name) is not a for a in held):
                 return built  # a member left residency meanwhile: serve this request, keep nothing
             return self._composites.put(key, built)
+
+    def share(self, adapter: Adapter | Composite) -> None:
+        """One more use of an adapter the caller holds (another choice of its request); `release` each."""
+        with self._lock:
+            for member in adapter.members if isinstance(adapter, Composite) else (adapter,):
+                member.users += 1
 
     def release(self, adapter: Adapter | Composite) -> None:
         """A request holding `adapter` (or a Composite: each of its members) ended (any thread)."""

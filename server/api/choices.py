@@ -32,7 +32,9 @@ def sample_params(params: SamplingParams, j: int) -> SamplingParams:
 
 async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[int]], n: int,
                        params: SamplingParams, mode: str | None, limit_name: str) -> list[Choice]:
-    """Check and acquire every choice's job; if one is refused, the ones already made are released."""
+    """Check every choice's job, the adapter(s) acquired once for all of them (each choice then one
+    use of them: a request never waits for a slot it already holds part of); if one is refused,
+    the ones already made are released."""
     most = gen.engine.settings.max_waiting  # more choices than may wait could never all be queued
     if len(prompts) * n > most:
         raise InvalidRequestError(f"n: expected at most {most} choices in one request (prompts x n, --max-waiting), "
@@ -41,13 +43,24 @@ async def open_choices(gen: Generation, adapter: Selection, prompts: list[list[i
     try:
         for i, ids in enumerate(prompts):
             for j in range(n):
-                job = await gen.job(adapter, ids, sample_params(params, j), mode, limit_name)
+                job = await _job(gen, adapter, choices, ids, sample_params(params, j), mode, limit_name)
                 choices.append(Choice(i * n + j, i, job))
     except BaseException:
         for c in choices:
             discard(gen, c.job)
         raise
     return choices
+
+
+async def _job(gen: Generation, selection: Selection, made: list[Choice], ids: list[int], params: SamplingParams,
+               mode: str | None, limit_name: str) -> Job:
+    """The first choice acquires the selection; each later one shares what the first holds."""
+    if not made:
+        return await gen.job(selection, ids, params, mode, limit_name)
+    held = made[0].job.adapter
+    if held is not None:
+        gen.registry.share(held)
+    return gen.job_with(held, ids, params, mode, limit_name)
 
 
 def discard(gen: Generation, job: Job) -> None:

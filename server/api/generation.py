@@ -83,9 +83,11 @@ class Generation:
                                       f"of the model's context), got {len(messages)}")
         self.check_length(sum(len(m.role) + len(m.text()) for m in messages), "messages")
 
-    async def tokenize(self, prompt: str | None, ids: list[int] | None, field: str = "prompt") -> list[int]:
+    async def tokenize(self, prompt: str | None, ids: list[int] | None, field: str = "prompt",
+                       ids_field: str = "prompt_token_ids") -> list[int]:
         """Token ids of the prompt, checked against the vocabulary; a text prompt is tokenized off the event loop.
-        `field` is the API's name for the prompt text in error messages (LoRAX: inputs)."""
+        `field` and `ids_field` are the API's names for the prompt text and ids in error messages
+        (LoRAX: inputs; OpenAI: prompt for both)."""
         if (prompt is None) == (ids is None):
             got = "both" if prompt is not None else "neither"
             raise InvalidRequestError(f"expected exactly one of prompt (string) or prompt_token_ids (list of ints), got {got}")
@@ -95,21 +97,30 @@ class Generation:
         vocab = self.base.geometry.vocab
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt_token_ids: expected ids in [0, {vocab}), got {bad[:5]}")
+            raise InvalidRequestError(f"{ids_field}: expected ids in [0, {vocab}), got {bad[:5]}")
         if not ids:
-            raise InvalidRequestError(f"{field}: expected at least one token, got an empty prompt")
+            raise InvalidRequestError(f"{field if prompt is not None else ids_field}: expected at least one token, "
+                                      "got an empty prompt")
         return ids
 
     async def job(self, selection: Selection, ids: list[int], params: SamplingParams, mode: str | None,
                   limit_name: str = "max_new_tokens") -> Job:
         """Check limits and acquire the adapter(s); the caller must `finish(job)` when done.
         `limit_name` is the API's name for max_new_tokens in error messages (OpenAI: max_tokens)."""
-        if params.max_new_tokens > self.max_new_tokens_limit:
+        if params.max_new_tokens > self.max_new_tokens_limit:  # before waiting for an adapter
             raise InvalidRequestError(
                 f"{limit_name}: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}"
             )
-        adapter = await self._acquire(selection)
+        return self.job_with(await self._acquire(selection), ids, params, mode, limit_name)
+
+    def job_with(self, adapter: Adapter | Composite | None, ids: list[int], params: SamplingParams,
+                 mode: str | None, limit_name: str = "max_new_tokens") -> Job:
+        """A job on one use of `adapter`, which the caller holds (acquired, or shared): the job's
+        `finish` gives it back, and a refusal here releases it."""
         try:
+            if params.max_new_tokens > self.max_new_tokens_limit:
+                raise InvalidRequestError(
+                    f"{limit_name}: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}")
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
             if resolved == "merged":
                 check_mergeable(self.base.hf, adapter.parts.lora)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.adapters import registry as registry_module
 from tests.conftest import FIXTURES, LLAMA, free_port, live_server, wait_ready
@@ -163,22 +164,52 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tmp_path):
             proc.wait()
 
 
-def test_two_combinations_that_together_need_more_slots_than_there_are_both_run(tmp_path, monkeypatch):
-    """Two slots; two requests each combining two adapters of their own, their loads slow enough to
-    interleave. Each holding one member while it waited for a slot for its second would have held
-    the other's slot until the acquire timeout; one at a time, both are served."""
+@pytest.fixture
+def slow_two_slots(tmp_path, monkeypatch):
+    """A server with two resident slots and four LoRAs (qv1, qv2, all1, all2) that load and combine
+    slowly enough for requests to interleave; the acquire timeout 5 s."""
     monkeypatch.setattr(registry_module, "ACQUIRE_TIMEOUT_S", 5.0)
-    read = registry_module.Registry._read
+    read, compose = registry_module.Registry._read, registry_module.compose
     monkeypatch.setattr(registry_module.Registry, "_read", lambda self, entry: time.sleep(0.5) or read(self, entry))
+    monkeypatch.setattr(registry_module, "compose", lambda *args: time.sleep(1.0) or compose(*args))
     peft = FIXTURES / "peft" / "tiny-llama"
     adapters = [f"qv{i}={peft / 'lora-qv-r8'}" for i in (1, 2)] + [f"all{i}={peft / 'lora-all-r16'}" for i in (1, 2)]
     with live_server(tmp_path, model=LLAMA, adapter=adapters, max_resident_adapters=2) as srv:
-        def combined(i: int) -> httpx.Response:
-            body = {"prompt": "hi", "max_new_tokens": 2, "adapters": [{"name": f"qv{i}", "weight": 0.5},
-                                                                        {"name": f"all{i}", "weight": 0.5}]}
-            with srv.client() as c:
-                return c.post("/generate", json=body)
+        yield srv
 
-        with ThreadPoolExecutor(2) as pool:
-            responses = list(pool.map(combined, (1, 2)))
+
+def _pair(i: int) -> list[dict]:
+    return [{"name": f"qv{i}", "weight": 0.5}, {"name": f"all{i}", "weight": 0.5}]
+
+
+def test_two_combinations_that_together_need_more_slots_than_there_are_both_run(slow_two_slots):
+    """Two requests each combining two adapters of their own: each holding one member while it waited
+    for a slot for its second would have held the other's slot until the acquire timeout; one at a
+    time, both are served."""
+    def combined(i: int) -> httpx.Response:
+        with slow_two_slots.client() as c:
+            return c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "adapters": _pair(i)})
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(combined, (1, 2)))
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+
+
+def test_a_combination_with_several_choices_takes_its_slots_once(slow_two_slots):
+    """Two prompts over one combination, and a second combination arriving while the first is being
+    combined: the first request's second choice shares what its first holds (waiting for a turn it
+    would have waited behind the second request, which waits for the first's slots)."""
+    def batch() -> httpx.Response:
+        with slow_two_slots.client() as c:
+            return c.post("/v1/completions", json={"model": "tiny-llama", "prompt": ["hi", "yo"], "max_tokens": 2,
+                                                   "adapters": _pair(1)})
+
+    def other() -> httpx.Response:
+        time.sleep(1.3)  # the first has loaded its two members and is combining them
+        with slow_two_slots.client() as c:
+            return c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "adapters": _pair(2)})
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(batch), pool.submit(other)
+        responses = [first.result(), second.result()]
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
