@@ -21,6 +21,9 @@ async def generate(body: GenerateBody, request: Request, adapter: str | None = N
     if adapter and body.adapters is not None:
         raise InvalidRequestError(f"adapters: expected either ?adapter=NAME or an `adapters` list in the body, got "
                                   f"both (?adapter={adapter})")
+    if unknown := [key for key in request.query_params if key != "adapter"]:
+        raise InvalidRequestError(f"{unknown[0]}: expected only ?adapter=NAME in the query (every other field "
+                                  f"goes in the JSON body), got ?{unknown[0]}={request.query_params[unknown[0]]}")
     if len(asked := request.query_params.getlist("adapter")) > 1:
         raise InvalidRequestError(f"adapter: expected one ?adapter=NAME, got {len(asked)}: {asked[:4]}")
     ids = await gen.tokenize(body.prompt, body.prompt_token_ids)

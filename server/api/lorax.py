@@ -13,8 +13,10 @@ weighted sum of the LoRAs' deltas (composition.py). LoRAX's own "linear" weights
 the B matrices separately instead (an approximation that needs equal ranks); its other strategies
 are refused. Sampling follows TGI: greedy unless `do_sample`
 or a temperature, top_k or top_p is set; no `max_new_tokens` means up to the end of the context.
-Every event's `token.text` is the text that token added (stop strings held back, as in our
-streams), so the non-special tokens' texts join to `generated_text`.
+A stop sequence ends the generation and stays in `generated_text`, as in LoRAX and TGI (our own
+routes cut it). Every event's `token.text` is the text that token added, so the non-special
+tokens' texts join to `generated_text`. `parameters.mode` (`merged`/`unmerged`) chooses how a LoRA
+runs, as on `/generate`; `adapter_id` naming the base model means no adapter, as in LoRAX.
 """
 from __future__ import annotations
 
@@ -22,14 +24,15 @@ import json
 from typing import ClassVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from server.api.deps import require_api_key
 from server.adapters.composition import Part, check_parts
 from server.api.generation import Generation, Item, Job, Outcome, Selection
 from server.api.models import default_max_tokens
 from server.api.openai_schemas import NullIsAbsent
-from server.api.schemas import KnownFields, Stops
+from server.api.detokenizer import TextStream
+from server.api.schemas import KnownFields, Moded, Stops, encodable
 from server.api.sse import EventStream, stream_response
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequestError
@@ -42,7 +45,9 @@ class MergedAdapters(NullIsAbsent):
     """LoRAX's `parameters.merged_adapters`; `density` and `majority_sign_method` only tune the
     strategies other than linear."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    _utf8 = field_validator("*")(encodable)
 
     ids: list[str] = Field(min_length=1)
     weights: list[float] = Field(default_factory=list)
@@ -61,8 +66,11 @@ class MergedAdapters(NullIsAbsent):
         return check_parts([Part(name, w) for name, w in zip(self.ids, weights)])
 
 
-class LoraxParameters(KnownFields, NullIsAbsent):
-    model_config = ConfigDict(extra="ignore")
+class LoraxParameters(Moded, KnownFields, NullIsAbsent):
+    # values of another JSON type are refused, as LoRAX's router refuses them; an int stands for a float
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    _utf8 = field_validator("*")(encodable)
     misplaced: ClassVar[dict[str, str]] = {
         name: "the adapter in parameters.adapter_id (several: parameters.merged_adapters)"
         for name in ("adapter", "adapter_name", "adapters", "lora", "model")
@@ -89,13 +97,20 @@ class LoraxParameters(KnownFields, NullIsAbsent):
     decoder_input_details: bool = False
     return_k_alternatives: int | None = Field(None, ge=1, le=20)
     response_format: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_n_tokens: int | None = Field(None, ge=0)
+    apply_chat_template: bool = False
 
     def unsupported(self) -> str | None:
         """The first asked-for feature hotswap does not implement, as a message; None if none."""
         asks = {"response_format": self.response_format is not None,
                 "best_of": (self.best_of or 1) > 1, "watermark": self.watermark,
                 "repetition_penalty": self.repetition_penalty not in (None, 1.0),
-                "typical_p": self.typical_p not in (None, 1.0)}
+                "typical_p": self.typical_p not in (None, 1.0),
+                "frequency_penalty": self.frequency_penalty not in (None, 0.0),
+                "presence_penalty": self.presence_penalty not in (None, 0.0),
+                "top_n_tokens": bool(self.top_n_tokens), "apply_chat_template": self.apply_chat_template}
         name = next((k for k, asked in asks.items() if asked), None)
         return f"parameters.{name}: expected it unset (hotswap does not implement it), got {getattr(self, name)!r}" if name else None
 
@@ -120,7 +135,9 @@ class LoraxParameters(KnownFields, NullIsAbsent):
 
 
 class LoraxRequest(NullIsAbsent):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    _utf8 = field_validator("inputs")(encodable)
 
     inputs: str = Field(min_length=1)
     parameters: LoraxParameters = Field(default_factory=LoraxParameters)
@@ -154,7 +171,7 @@ async def _generate(body: LoraxRequest, request: Request) -> dict:
     job = await _job(gen, body, request)
     out = await gen.run(job)
     p = body.parameters
-    response = {"generated_text": (body.inputs if p.return_full_text else "") + out.text}
+    response = {"generated_text": (body.inputs if p.return_full_text else "") + _uncut(gen, out)}
     if p.details or p.decoder_input_details:
         response["details"] = {**_summary(gen, job, out, p), "prefill": _prefill(gen, job, out),
                                "tokens": [_token(gen, out, k, p) for k in range(len(out.token_ids))],
@@ -167,17 +184,22 @@ async def _job(gen: Generation, body: LoraxRequest, request: Request) -> Job:
     problem = p.unsupported()
     if problem:
         raise InvalidRequestError(problem)
-    selection = _selection(p)
+    selection = _selection(p, gen.base.name)
     ids = await gen.tokenize(body.inputs, None, "inputs")
     if p.truncate:
         ids = ids[-p.truncate:]
     limit = p.max_new_tokens or default_max_tokens(request.app, selection, ids)
-    return await gen.job(selection, ids, p.params(limit), None)
+    return await gen.job(selection, ids, p.params(limit), p.mode)
 
 
-def _selection(p: LoraxParameters) -> Selection:
+def _uncut(gen: Generation, out: Outcome) -> str:
+    """The generated text with the stop sequence that ended it, as LoRAX answers it."""
+    return gen.base.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def _selection(p: LoraxParameters, base_name: str) -> Selection:
     if p.merged_adapters is None:
-        return p.adapter_id
+        return None if p.adapter_id == base_name else p.adapter_id
     if p.adapter_id:
         raise InvalidRequestError(f"parameters.adapter_id: expected it unset with merged_adapters (they name the "
                                   f"adapters), got {p.adapter_id!r}")
@@ -216,20 +238,23 @@ def _prefill(gen: Generation, job: Job, out: Outcome) -> list[dict]:
 
 class _StreamRenderer:
     """Each token's event goes out when the next item comes, so the last one can carry the text
-    held back until the end, `generated_text` and `details`, as LoRAX's last event does."""
+    still held (a partial character), `generated_text` and `details`, as LoRAX's last event does.
+    The texts are the tokens' own, stop sequence included (not the stream's, which holds a stop back)."""
 
     def __init__(self, gen: Generation, job: Job, p: LoraxParameters, prefix: str) -> None:
         self.gen, self.job, self.p, self.prefix = gen, job, p, prefix
+        self.decoded = TextStream(gen.base.tokenizer)
         self.pending: str | None = None  # the previous token's text, not sent yet
         self.k = -1  # index of that token
 
     def __call__(self, item: Item) -> str:
-        token_id, delta, out = item
+        token_id, _, out = item
         if token_id is not None:
             line = self._event(out, None) if self.pending is not None else ""
-            self.pending, self.k = delta, self.k + 1
+            before = len(self.decoded.text)
+            self.pending, self.k = self.decoded.add(token_id)[before:], self.k + 1
             return line
-        self.pending += delta
+        self.pending += _uncut(self.gen, out)[len(self.decoded.text):]
         return self._event(out, self._final(out))
 
     def _event(self, out: Outcome, final: dict | None) -> str:
@@ -239,7 +264,7 @@ class _StreamRenderer:
         return f"data: {json.dumps(event)}\n\n"
 
     def _final(self, out: Outcome) -> dict:
-        return {"generated_text": self.prefix + out.text, "details": _summary(self.gen, self.job, out, self.p)}
+        return {"generated_text": self.prefix + _uncut(self.gen, out), "details": _summary(self.gen, self.job, out, self.p)}
 
 
 class LoraxBodies:

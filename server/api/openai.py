@@ -13,7 +13,6 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from server.adapters.composition import Composite
 from server.api import openai_format as fmt
 from server.api.chat_prompt import chat_prompt_ids
 from server.api.choices import Choice, open_choices, run_choices, stream_choices
@@ -43,7 +42,8 @@ async def model(model_id: str, request: Request) -> dict:
 async def completions(body: CompletionRequest, request: Request):
     _check_completion(body)
     gen: Generation = request.app.state.generation
-    prompts = [await (gen.tokenize(p, None) if isinstance(p, str) else gen.tokenize(None, p)) for p in body.prompts()]
+    prompts = [await (gen.tokenize(p, None) if isinstance(p, str) else gen.tokenize(None, p, ids_field="prompt"))
+               for p in body.prompts()]
     params = body.params(body.max_tokens)
     selection = selection_of(request.app, body.model, body.parts())
     choices = await open_choices(gen, selection, prompts, body.n, params, body.mode, "max_tokens")
@@ -57,9 +57,10 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def _model(model: str, choices: list[Choice]) -> str:
-    """The response's `model`: the one asked for, or the combination an `adapters` list ran."""
+    """The response's `model`: the adapter or combination that ran (an `adapters` list of one at
+    weight 1 runs that adapter), else the base model asked for."""
     adapter = choices[0].job.adapter
-    return adapter.name if isinstance(adapter, Composite) else model
+    return model if adapter is None else adapter.name
 
 
 def _check_completion(body: CompletionRequest) -> None:

@@ -57,7 +57,7 @@ class KnownFields(BaseModel):
 class AdapterEntry(BaseModel):
     """One adapter of a request's `adapters` list."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     _utf8 = field_validator("*")(encodable)
 

@@ -56,6 +56,8 @@ def test_openai_adapters_field_and_model_label(srv):
     chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, temperature=0, extra_body={"adapters": PAIR})
     assert chat.model == "all*0.3+qv*0.7" and chat.choices[0].message.content is not None
+    one = client.completions.create(model="tiny-llama", prompt="x", max_tokens=2, extra_body={"adapters": [{"name": "qv"}]})
+    assert one.model == "qv"  # a list of one at weight 1 runs that adapter, and says so
     with pytest.raises(BadRequestError) as e:
         client.completions.create(model="qv", prompt="x", max_tokens=2, extra_body={"adapters": PAIR})
     assert e.value.body["param"] == "model" and "base model" in e.value.body["message"]

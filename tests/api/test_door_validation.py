@@ -69,9 +69,10 @@ REFUSED = [
                     '"use_beam_search": true', '"length_penalty": 2', '"skip_special_tokens": false',
                     '"structured_outputs": {"choice": ["a"]}', '"return_tokens_as_token_ids": true',
                     '"prompt_logprobs": 1', '"truncate_prompt_tokens": 5', '"modalities": ["audio"]',
-                    '"stream": true, "stream_options": {"continuous_usage_stats": true}'.replace('"stream": true, ', ''),
                     '"mode": "bogus"', '"max_new_tokens": 5')],
     ("/v1/completions", '{"model": "tiny-llama", "prompt_token_ids": [5], "prompt": "hi"}', "prompt_token_ids"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "stream": true, "stream_options": '
+     '{"continuous_usage_stats": true}}', "stream_options.continuous_usage_stats"),
     *[("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
        f'{field}}}', field.split('"')[1]) for field in (
         '"add_generation_prompt": false', '"continue_final_message": true', '"echo": true',
@@ -84,6 +85,17 @@ REFUSED = [
     ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user"}]}', "messages.0.content"),
     ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": null}]}',
      "messages.0.content"),
+    # LoRAX: what its router implements and hotswap does not, values of another JSON type, text UTF-8 cannot hold
+    *[("/", f'{{"inputs": "hi", "parameters": {{{field}}}}}', "parameters." + field.split('"')[1]) for field in (
+        '"frequency_penalty": 1.5', '"presence_penalty": 0.5', '"top_n_tokens": 3', '"apply_chat_template": true',
+        '"max_new_tokens": "4"', '"temperature": "0.5"', '"details": "yes"', '"adapter_id": "\\ud800"',
+        '"merged_adapters": {"ids": ["\\ud800"]}', '"mode": "bogus"')],
+    ("/", '{"inputs": "hi", "stream": "yes"}', "stream"),
+    ("/generate", '{"prompt": "hi", "adapters": [{"name": "x", "weight": "1"}]}', "adapters.0.weight"),
+    ("/generate", '{"prompt_token_ids": []}', "prompt_token_ids"),
+    *[(f"/generate?{query}", '{"prompt": "hi"}', field) for query, field in (
+        ("adapters=x", "adapters"), ("lora=x", "lora"), ("mode=merged", "mode"),
+        ("adapter=x&max_new_tokens=3", "max_new_tokens"))],  # only ?adapter= is read
 ]
 
 

@@ -37,11 +37,11 @@ def test_generate_equals_native(client, server, adapter):
     assert d.prompt_tokens == native["usage"]["prompt_tokens"]  # both count a soft prompt's 16 virtual tokens
 
 
-
 def test_native_usage_counts_a_soft_prompts_virtual_tokens(server):
     def used(adapter: str | None) -> int:
         return server.generate(adapter, prompt=PROMPT, max_new_tokens=1)["usage"]["prompt_tokens"]
     assert used("soft") == used(None) + 16
+
 
 @pytest.mark.parametrize("adapter", ["lora", None])
 def test_generate_stream_equals_native(client, server, adapter):
@@ -58,7 +58,10 @@ def test_stop_sequence_and_eos_reasons(client, server):
     full = server.generate("lora", prompt=PROMPT, max_new_tokens=12, ignore_eos=True)["text"]
     stop = full[5:8]
     out = client.generate(PROMPT, adapter_id="lora", max_new_tokens=12, stop_sequences=[stop])
-    assert out.generated_text == full[:full.find(stop)] and out.details.finish_reason == "stop_sequence"
+    # as LoRAX and TGI: the text up to the token that completed the stop, stop included
+    text, end = out.generated_text, full.find(stop) + len(stop)
+    assert full.startswith(text) and len(text) >= end and stop not in text[:end - 1]
+    assert out.details.finish_reason == "stop_sequence" and out.details.generated_tokens < 12
     streamed = list(client.generate_stream(PROMPT, adapter_id="lora", max_new_tokens=12, stop_sequences=[stop]))
     assert "".join(e.token.text for e in streamed) == out.generated_text
     assert streamed[-1].details.finish_reason == "stop_sequence"
@@ -101,3 +104,18 @@ def test_generate_route_tells_the_two_bodies_apart(server):
     assert one.json()["details"]["tokens"][0]["id"] == native["token_ids"][0]
     assert ours.json() == native
     assert events[-1]["generated_text"] == native["text"]
+
+
+def test_mode_in_parameters_and_the_base_model_as_adapter_id(server, client):
+    """`parameters.mode` is read (merged == unmerged; merged without a LoRA is refused, as on
+    /generate); `adapter_id` naming the base model means no adapter, as in LoRAX."""
+    def text(**parameters) -> str:
+        with server.client() as c:
+            r = c.post("/", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 6, **parameters}})
+        assert r.status_code == 200, r.text
+        return r.json()[0]["generated_text"]
+    assert text(adapter_id="lora", mode="merged") == text(adapter_id="lora", mode="unmerged") != text()
+    with server.client() as c:
+        r = c.post("/", json={"inputs": PROMPT, "parameters": {"mode": "merged"}})
+    assert r.status_code == 400 and r.json()["error"].startswith("mode")
+    assert text(adapter_id="tiny-llama") == text()
