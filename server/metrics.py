@@ -182,7 +182,8 @@ class Metrics:
             "Adapters evicted from the device to make room for another.", registry=r)
         self.prompt_tokens = Counter(
             "hotswap_prompt_tokens_total",
-            "Prompt tokens of finished requests, by kind.", ("kind",), registry=r)
+            "Prompt tokens of finished requests, by kind (a soft prompt's virtual tokens included, as "
+            "responses' usage counts them).", ("kind",), registry=r)
         self.cached_prompt_tokens = Counter(
             "hotswap_prompt_cached_tokens_total",
             "Prompt tokens of finished requests whose KV came from the prompt cache, not computed, by kind.",

@@ -187,10 +187,7 @@ def test_mode_chooses_merged_or_unmerged_per_request_on_the_openai_api_too(clien
     """`mode` as an extra body field: the same tokens either way (merged == unmerged), the mode used
     is the one asked for (the server counts it), and merged without a LoRA is refused as /generate refuses it."""
     def ran(mode: str) -> float:
-        with httpx.Client(base_url=server.url) as c:
-            metrics = c.get("/metrics").text
-        return sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
-                   if line.startswith("hotswap_requests_total{") and f'mode="{mode}"' in line)
+        return _counter(server, "hotswap_requests_total", mode=mode)
     before = ran("merged")
     merged = _text(client, "def add(a, b):", "lora", max_tokens=8, extra_body={"ignore_eos": True, "mode": "merged"})
     unmerged = _text(client, "def add(a, b):", "lora", max_tokens=8, extra_body={"ignore_eos": True, "mode": "unmerged"})
@@ -198,6 +195,21 @@ def test_mode_chooses_merged_or_unmerged_per_request_on_the_openai_api_too(clien
     with pytest.raises(openai.BadRequestError) as err:
         _text(client, "x", "tiny-llama", extra_body={"mode": "merged"})
     assert err.value.body["param"] == "mode"
+
+
+def _counter(server: LiveServer, name: str, **labels: str) -> float:
+    """The sum of `name`'s series whose labels include `labels`, from /metrics."""
+    with httpx.Client(base_url=server.url) as c:
+        metrics = c.get("/metrics").text
+    return sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
+def test_the_prompt_token_counter_agrees_with_usage(client, server):
+    """A soft prompt's virtual tokens are prompt tokens in usage, and in hotswap_prompt_tokens_total."""
+    before = _counter(server, "hotswap_prompt_tokens_total", kind="prompt")
+    out = client.completions.create(model="soft", prompt=[5, 6, 7], max_tokens=1)
+    assert _counter(server, "hotswap_prompt_tokens_total", kind="prompt") - before == out.usage.prompt_tokens == 19
 
 
 def test_a_stream_has_one_created_time_and_a_system_fingerprint(client):
