@@ -34,6 +34,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.api.error_shapes import error_body
 from server.config import Settings
 
 DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
@@ -153,7 +154,8 @@ class BodyLimit:
         limit = None if (scope["method"], scope["path"]) in UNLIMITED else self.limit
         declared = _content_length(scope)
         if limit is not None and declared is not None and declared > limit:
-            return await _refuse(send, 413, "payload_too_large", _too_large(limit, f"{declared} (Content-Length)"))
+            return await _refuse(send, scope["path"], 413, "payload_too_large",
+                                 _too_large(limit, f"{declared} (Content-Length)"))
         await _Counted(self.app, limit, self.idle_s)(scope, receive, send)
 
 
@@ -200,7 +202,7 @@ class _Counted:
             if self.refusal is None:
                 raise
         if self.refusal is not None and not self.started:
-            await _refuse(send, *self.refusal)
+            await _refuse(send, scope["path"], *self.refusal)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -214,9 +216,10 @@ def _too_large(limit: int, got: str) -> str:
     return f"body: expected at most {limit} bytes (--max-body-bytes), got {got}"
 
 
-async def _refuse(send: Send, status: int, type_: str, message: str) -> None:
-    """A JSON error instead of the app's answer, and the connection closed after it."""
-    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+async def _refuse(send: Send, path: str, status: int, type_: str, message: str) -> None:
+    """A JSON error (in the shape of `path`'s routes) instead of the app's answer, and the connection
+    closed after it."""
+    body = json.dumps(error_body(path, status, type_, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

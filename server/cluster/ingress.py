@@ -17,6 +17,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from server.api.error_shapes import error_body, error_response
 from server.cluster.asgi import Forwarded, Start
 from server.cluster.routing import adapter_of
 
@@ -30,13 +31,13 @@ http = FastAPI(title="hotswap cluster")
 
 
 # Helpers come before the class: Ray pickles the decorated class with the globals defined so far.
-async def _body(parts) -> AsyncIterator[bytes]:
+async def _body(parts, path: str) -> AsyncIterator[bytes]:
     try:
         async for chunk in parts:
             yield chunk
     except REPLICA_GONE as exc:
         log.warning("replica gone mid-stream: %s", exc)
-        error = {"error": {"type": "replica_unavailable", "message": "the replica serving this stream stopped; retry"}}
+        error = error_body(path, 503, "replica_unavailable", "the replica serving this stream stopped; retry")
         yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
     finally:
         parts.cancel()
@@ -46,9 +47,9 @@ def _headers(headers: list[tuple[str, str]]) -> dict[str, str]:
     return {k: v for k, v in headers if k.lower() != "content-length"}
 
 
-def _unavailable() -> JSONResponse:
-    error = {"type": "replica_unavailable", "message": "the replica for this request stopped before answering; retry"}
-    return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+def _unavailable(path: str) -> JSONResponse:
+    return error_response(path, 503, "replica_unavailable",
+                          "the replica for this request stopped before answering; retry", {"Retry-After": str(RETRY_AFTER_S)})
 
 
 @serve.deployment
@@ -69,9 +70,9 @@ class Ingress:
             start = await parts.__anext__()
         except REPLICA_GONE as exc:
             log.warning("replica gone before answering %s %s: %s", request.method, request.url.path, exc)
-            return _unavailable()
+            return _unavailable(request.url.path)
         assert isinstance(start, Start)
-        return StreamingResponse(_body(parts), status_code=start.status, headers=_headers(start.headers))
+        return StreamingResponse(_body(parts, request.url.path), status_code=start.status, headers=_headers(start.headers))
 
     async def _base(self) -> str:
         if self._base_name is None:

@@ -41,12 +41,23 @@ def status_and_error(answer: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)["error"]
 
 
-def test_declared_oversized_body_is_413_before_it_is_read(srv):
-    head = (b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n" % (10**9))
-    status, error = status_and_error(raw(srv, head + b'{"prompt": "')[0])  # 1 GB promised, a few bytes sent
-    assert status == 413 and error["type"] == "payload_too_large"
-    assert f"at most {LIMIT} bytes" in error["message"] and "1000000000" in error["message"]
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/v1/completions"])
+def test_declared_oversized_body_is_413_before_it_is_read_in_the_routes_error_shape(srv, path):
+    head = (b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % (path.encode(), 10**9))
+    answer = raw(srv, head + b'{"prompt": "')[0]  # 1 GB promised, a few bytes sent
+    status, error = status_and_error(answer)
+    assert status == 413
+    if path == "/generate_stream":  # LoRAX's shape, which lorax-client reads
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error_type"] == "payload_too_large"
+        message = error
+    elif path.startswith("/v1/"):
+        assert error["code"] == "payload_too_large" and error["type"] == "invalid_request_error"
+        message = error["message"]
+    else:
+        assert error["type"] == "payload_too_large"
+        message = error["message"]
+    assert f"at most {LIMIT} bytes" in message and "1000000000" in message
 
 
 def test_streamed_oversized_body_is_413_once_past_the_limit(srv):
@@ -55,7 +66,7 @@ def test_streamed_oversized_body_is_413_once_past_the_limit(srv):
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2))
     head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
     status, error = status_and_error(raw(srv, head + body)[0])
-    assert status == 413 and error["type"] == "payload_too_large" and f"at most {LIMIT} bytes" in error["message"]
+    assert status == 413 and error["code"] == "payload_too_large" and f"at most {LIMIT} bytes" in error["message"]
 
 
 def test_body_under_the_limit_is_served(srv):
