@@ -23,15 +23,18 @@ UNIMPLEMENTED: dict[str, Callable[[object, dict], bool]] = {
     **{name: (lambda v, data: v == 1) for name in ("repetition_penalty", "length_penalty")},
     "response_format": lambda v, data: v == {"type": "text"},
     "modalities": lambda v, data: v == ["text"],
+    "verbosity": lambda v, data: v == "medium",
+    "add_special_tokens": lambda v, data: v is False,  # hotswap tokenizes prompts without them
     **{name: (lambda v, data: v in ("none", "auto")) for name in ("tool_choice", "function_call")},
-    **{name: (lambda v, data: v is True) for name in ("skip_special_tokens", "spaces_between_special_tokens",
-                                                      "add_generation_prompt")},
+    **{name: (lambda v, data: v is True) for name in ("skip_special_tokens", "add_generation_prompt")},
     **{name: (lambda v, data: not v) for name in (
         "logit_bias", "suffix", "tools", "functions", "stop_token_ids", "include_stop_str_in_output",
         "allowed_token_ids", "bad_words", "use_beam_search", "structured_outputs", "return_tokens_as_token_ids",
-        "continue_final_message", "chat_template", "chat_template_kwargs", "documents", "audio", "prompt_logprobs",
-        "truncate_prompt_tokens", "prompt_embeds", "guided_decoding_backend")},
-    **{name: (lambda v, data: False) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")},
+        "continue_final_message", "chat_template", "chat_template_kwargs", "documents", "audio",
+        "truncate_prompt_tokens", "prompt_embeds", "guided_decoding_backend", "prediction", "logits_processors",
+        "guided_whitespace_pattern", "vllm_xargs")},
+    **{name: (lambda v, data: False) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                                  "prompt_logprobs", "reasoning_effort")},  # any value asks for it
 }
 
 

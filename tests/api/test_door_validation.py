@@ -68,7 +68,8 @@ REFUSED = [
       for field in ('"include_stop_str_in_output": true', '"allowed_token_ids": [1]', '"bad_words": ["x"]',
                     '"use_beam_search": true', '"length_penalty": 2', '"skip_special_tokens": false',
                     '"structured_outputs": {"choice": ["a"]}', '"return_tokens_as_token_ids": true',
-                    '"prompt_logprobs": 1', '"truncate_prompt_tokens": 5', '"modalities": ["audio"]',
+                    '"prompt_logprobs": 0', '"truncate_prompt_tokens": 5', '"modalities": ["audio"]',
+                    '"reasoning_effort": "low"', '"add_special_tokens": true', '"logits_processors": ["x"]',
                     '"mode": "bogus"', '"max_new_tokens": 5')],
     ("/v1/completions", '{"model": "tiny-llama", "prompt_token_ids": [5], "prompt": "hi"}', "prompt_token_ids"),
     ("/v1/completions", '{"model": "tiny-llama", "prompt": "hi", "stream": true, "stream_options": '
@@ -129,7 +130,8 @@ def test_unimplemented_fields_at_values_that_change_nothing_are_served(llama_ser
     neutral = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1, "min_tokens": 0, "tools": [],
                "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "best_of": 1, "n": None,
                "skip_special_tokens": True, "include_stop_str_in_output": False, "add_generation_prompt": True,
-               "length_penalty": 1, "modalities": ["text"], "top_k": -1, "stream_options": None}
+               "length_penalty": 1, "modalities": ["text"], "top_k": -1, "stream_options": None,
+               "spaces_between_special_tokens": False, "verbosity": "medium", "add_special_tokens": False}
     with llama_server.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "tiny-llama", "max_tokens": 2, **neutral,
                                                  "messages": [{"role": "user", "content": "hi"}]})
