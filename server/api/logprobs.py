@@ -30,19 +30,22 @@ def kept_tokens(tokenizer, token_ids: list[int], text: str) -> int:
     return len(token_ids)
 
 
-def legacy_logprobs(tokenizer, prompt_ids: list[int], out: Outcome, echo: bool) -> dict:
-    """The echoed prompt's tokens (first one unscored) then the generated ones, as OpenAI lays them out."""
+def legacy_logprobs(tokenizer, prompt_ids: list[int], out: Outcome, echoed: str | None) -> dict:
+    """The echoed prompt's tokens (first one unscored) then the generated ones, as OpenAI lays them out.
+    `echoed`: the prompt text the answer's text starts with (None: no echo); the generated tokens'
+    offsets count from its end, the prompt tokens' are exact where it is the decode of their ids (a
+    tokenizer that normalises text, e.g. NFC, may not give the prompt back as sent)."""
     vocab = token_bytes(tokenizer)
     generated = out.token_ids[: kept_tokens(tokenizer, out.token_ids, out.text)]
     ids: list[int] = []
     scores: list[TokenLogprob | None] = []
     offsets: list[int] = []
     start = 0
-    if echo:  # the text starts with the prompt as decode spells it, special tokens included (openai.py)
+    if echoed is not None:
         ids += prompt_ids
         scores += [None, *(out.prompt_logprobs or [])]
         offsets = _text_offsets(tokenizer, prompt_ids, skip_special=False)
-        start = len(tokenizer.decode(prompt_ids))
+        start = len(echoed)
     ids += generated
     scores += out.logprobs[: len(generated)]
     offsets += [start + o for o in _text_offsets(tokenizer, generated, skip_special=True)]

@@ -74,12 +74,12 @@ def _check_completion(body: CompletionRequest) -> None:
 
 def _completion_choice(gen: Generation, body: CompletionRequest, c: Choice, out: Outcome) -> dict:
     """With echo the text starts with the prompt; with logprobs it carries scores."""
-    text = out.text
+    echoed = None
     if body.echo:
         prompt = body.prompts()[c.prompt]
-        text = (prompt if isinstance(prompt, str) else gen.base.tokenizer.decode(c.job.prompt_ids)) + text
-    lp = legacy_logprobs(gen.base.tokenizer, c.job.prompt_ids, out, body.echo) if body.logprobs is not None else None
-    return fmt.text_choice(c.index, text, out.finish_reason, lp)
+        echoed = prompt if isinstance(prompt, str) else gen.base.tokenizer.decode(c.job.prompt_ids)
+    lp = legacy_logprobs(gen.base.tokenizer, c.job.prompt_ids, out, echoed) if body.logprobs is not None else None
+    return fmt.text_choice(c.index, (echoed or "") + out.text, out.finish_reason, lp)
 
 
 @router.post("/chat/completions")

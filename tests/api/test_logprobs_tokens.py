@@ -9,7 +9,7 @@ import string
 from collections.abc import Sequence
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from server.api.generation import Outcome
@@ -77,7 +77,7 @@ def test_parts_of_characters_keep_distinct_keys_and_their_own_logprobs(llama):
     assert len(parts) == 5
     out = _generated(llama, " ü", top=parts)
     out.prompt_logprobs = _scores(prompt[1:], parts)
-    lp = legacy_logprobs(llama, prompt, out, echo=True)
+    lp = legacy_logprobs(llama, prompt, out, "é è ê ë")
     assert len(set(lp["tokens"])) == len(set(prompt + out.token_ids))
     assert "bytes:\\xc3" in lp["tokens"]  # OpenAI's text for bytes that are no character on their own
     ids, scores = (prompt + out.token_ids)[1:], out.prompt_logprobs + out.logprobs
@@ -105,12 +105,28 @@ def test_text_offsets_index_the_returned_text(llama, echo):
     prompt = _ids(llama, prompt_text)
     out = _generated(llama, " é😀 ok 日本")
     out.prompt_logprobs = _scores(prompt[1:], [])
-    lp = legacy_logprobs(llama, prompt, out, echo=echo)
+    lp = legacy_logprobs(llama, prompt, out, prompt_text if echo else None)
     text = (prompt_text if echo else "") + out.text
     ids = (prompt if echo else []) + out.token_ids
     _check_offsets(text, lp["tokens"], lp["text_offset"], _bytes(llama, ids))
     if echo:
         assert lp["text_offset"][:8] == [0, 0, 0, 0, 1, 1, 1, 1]  # an emoji's 4 bytes, at its character
+
+
+def test_generated_offsets_count_from_the_echoed_prompt_as_sent():
+    """A tokenizer that normalises (NFC, as Qwen2's does) gives "cafe\u0301" back as "café", a character
+    shorter: the answer echoes the prompt as sent, so the generated tokens' offsets count from its end."""
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA, local_files_only=True)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    prompt_text = "cafe\u0301 au lait"
+    prompt = _ids(tokenizer, prompt_text)
+    assert len(tokenizer.decode(prompt)) == len(prompt_text) - 1
+    out = _generated(tokenizer, " ok then")
+    out.prompt_logprobs = _scores(prompt[1:], [])
+    lp = legacy_logprobs(tokenizer, prompt, out, prompt_text)
+    text, n = prompt_text + out.text, len(out.token_ids)
+    _check_offsets(text, lp["tokens"][-n:], lp["text_offset"][-n:], _bytes(tokenizer, out.token_ids))
+    assert lp["text_offset"][-n] == len(prompt_text)
 
 
 def _bytes(tokenizer, ids: list[int]) -> list[bytes]:
@@ -135,7 +151,7 @@ def test_sentencepiece_pieces_and_byte_fallback(name):
     marked, bare = tokenizer.convert_tokens_to_ids(["▁true", "true"])
     byte = tokenizer.convert_tokens_to_ids("<0xE6>")
     out = _generated(tokenizer, "Ça 日本 😀 true", top=[marked, bare, byte])
-    lp = legacy_logprobs(tokenizer, _ids(tokenizer, "x"), out, echo=False)
+    lp = legacy_logprobs(tokenizer, _ids(tokenizer, "x"), out, None)
     assert list(lp["top_logprobs"][0])[:3] == [" true", "true", "bytes:\\xe6"]
     content = chat_logprobs(tokenizer, out)["content"]
     assert [e["token"] for e in content[0]["top_logprobs"]] == [" true", "true", "bytes:\\xe6"]
