@@ -172,22 +172,38 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _describe(exc: RequestValidationError) -> str:
     """One line per field at fault: where, what was expected, what came. A value that matched no member
-    of a union (`prompt`: a string, token ids, ...) is one line naming what each member wanted."""
+    of a union (`prompt`: a string, token ids, ...) is one line, each member's first complaint in it."""
     parts: dict[str, list[str]] = {}  # where -> what was expected, in pydantic's order
     got: dict[str, object] = {}
+    unions: set[str] = set()  # the fields whose value matched no member of their union
     for err in exc.errors():
         if err.get("type") == "json_invalid":  # loc: ("body", character offset)
             offset, why = err["loc"][-1], err.get("ctx", {}).get("error", "invalid")
             return f"body: expected a JSON object, got invalid JSON at character {offset} ({why})"
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and not UNION_MEMBER.search(str(p)))
-        if err.get("type") == "value_error" and FIELD_FIRST.match(str(err["ctx"]["error"])):
-            message = str(err["ctx"]["error"])  # a model's own check: its message names the field
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        member = next((k for k, p in enumerate(loc) if UNION_MEMBER.search(p)), None)
+        where = ".".join(loc if member is None else loc[:member])
+        message = str(err.get("ctx", {}).get("error", "")) if err.get("type") == "value_error" else ""
+        if member is None and FIELD_FIRST.match(message):  # a model's own check: its message names the field
             parts.setdefault(f"{where}.{message}" if where else message, [])
             continue
-        parts.setdefault(where or "body", []).append(err.get("msg", "invalid").removeprefix("Value error, "))
-        got.setdefault(where or "body", err.get("input"))
-    return "; ".join(where if not wants else f"{where}: {' or '.join(dict.fromkeys(wants))}; got {_short(got[where])}"
-                     for where, wants in parts.items())
+        wants = parts.setdefault(where or "body", [])
+        said = err.get("msg", "invalid").removeprefix("Value error, ")
+        if member is None:
+            wants.append(said)
+        elif not any(w.startswith((loc[member] + ":", loc[member] + ".")) for w in wants):
+            wants.append(f"{'.'.join(loc[member:])}: {said}")  # this member's first complaint
+            unions.add(where or "body")
+        if member is None or len(loc) == member + 1:  # the value itself, not a part of it
+            got.setdefault(where or "body", err.get("input"))
+    return "; ".join(_line(where, wants, got, where in unions) for where, wants in parts.items())
+
+
+def _line(where: str, wants: list[str], got: dict[str, object], union: bool) -> str:
+    if not wants:
+        return where
+    said = "no form fits (" + " | ".join(wants) + ")" if union else " or ".join(dict.fromkeys(wants))
+    return f"{where}: {said}" + (f"; got {_short(got[where])}" if where in got else "")
 
 
 UNION_MEMBER = re.compile(r"[\[\]-]|^(str|int|float|bool|list|dict)$")  # pydantic's tag of a union member in a loc

@@ -38,7 +38,7 @@ class TokenizeBody(NullIsAbsent):
     def _one_input(self) -> "TokenizeBody":
         if (self.prompt is None) == (self.messages is None):
             got = "both" if self.prompt is not None else "neither"
-            raise ValueError(f"expected exactly one of prompt (string) or messages (chat turns), got {got}")
+            raise ValueError(f"prompt: expected exactly one of prompt (string) or messages (chat turns), got {got}")
         return self
 
 

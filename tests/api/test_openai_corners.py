@@ -229,10 +229,12 @@ def test_errors_name_the_field_the_client_sent(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-llama", messages=CHAT, max_completion_tokens=5000)
     assert err.value.body["param"] == "max_completion_tokens"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model="tiny-llama", prompt=123)
-    body = err.value.body
-    assert body["param"] == "prompt" and "a valid string" in body["message"] and "list[int]" not in body["message"]
+    for prompt in (123, [1, 2, "x"]):  # no form of `prompt` fits: one error about prompt, each form's complaint
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny-llama", prompt=prompt)
+        body = err.value.body
+        assert body["param"] == "prompt" and body["message"].startswith("prompt: no form fits (str: ")
+        assert "; prompt" not in body["message"] and body["message"].endswith(f"; got {prompt!r}")
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=2100)
     assert err.value.body["param"] == "max_tokens"
