@@ -5,13 +5,16 @@ OpenAI's error shape, soft-prompt usage, chat without a template or without max_
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
+from server.api import openai_format
 from tests.conftest import FIXTURES, LLAMA, LiveServer, live_server
 
 PEFT = FIXTURES / "peft" / "tiny-llama"
@@ -212,7 +215,11 @@ def test_the_prompt_token_counter_agrees_with_usage(client, server):
     assert _counter(server, "hotswap_prompt_tokens_total", kind="prompt") - before == out.usage.prompt_tokens == 19
 
 
-def test_a_stream_has_one_created_time_and_a_system_fingerprint(client):
+def test_a_stream_has_one_created_time_and_a_system_fingerprint(client, monkeypatch):
+    """Each chunk of a stream carries the time its answer began, however long it runs (here a clock
+    that moves a second at each look)."""
+    clock = itertools.count(1_700_000_000)
+    monkeypatch.setattr(openai_format, "time", SimpleNamespace(time=lambda: next(clock)))
     chunks = list(client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=16, n=4, stream=True,
                                                  **GREEDY))
     assert len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
