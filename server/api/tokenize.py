@@ -23,7 +23,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 class TokenizeBody(NullIsAbsent):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" is no bool, as on every route
 
     _utf8 = field_validator("prompt")(encodable)
 
@@ -43,7 +43,7 @@ class TokenizeBody(NullIsAbsent):
 
 
 class DetokenizeBody(NullIsAbsent):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" is no bool, as on every route
 
     model: str | None = None
     tokens: list[StrictInt]

@@ -94,6 +94,8 @@ REFUSED = [
     ("/", '{"inputs": "hi", "stream": "yes"}', "stream"),
     ("/generate", '{"prompt": "hi", "adapters": [{"name": "x", "weight": "1"}]}', "adapters.0.weight"),
     ("/generate", '{"prompt_token_ids": []}', "prompt_token_ids"),
+    ("/tokenize", '{"prompt": "hi", "add_special_tokens": "yes"}', "add_special_tokens"),
+    ("/tokenize", '{"prompt": "hi", "return_token_strs": 1}', "return_token_strs"),
     *[(f"/generate?{query}", '{"prompt": "hi"}', field) for query, field in (
         ("adapters=x", "adapters"), ("lora=x", "lora"), ("mode=merged", "mode"),
         ("adapter=x&max_new_tokens=3", "max_new_tokens"))],  # only ?adapter= is read
