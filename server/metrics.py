@@ -165,7 +165,8 @@ class Metrics:
             "Adapters whose weights are on the device now, by kind.", ("kind",), registry=r)
         self.adapter_memory = Gauge(
             "hotswap_adapter_memory_bytes",
-            "Bytes held by resident adapter weights, by device.", ("device",), registry=r)
+            "Bytes held by resident adapter weights and the combinations of them kept for reuse, by device.",
+            ("device",), registry=r)
         self.requests_running = Gauge(
             "hotswap_requests_running",
             "Requests in the running batch: decoding, or prefilling a long prompt in chunks.", registry=r)

@@ -99,6 +99,12 @@ class Composite:
     def mode_for(self, requested: str | None) -> str:
         return resolve_mode(self.name, self.kind, self.parts.lora, self.default_mode, requested)
 
+    @property
+    def size_bytes(self) -> int:
+        """What it holds of its own on the device: the weighted sum of its LoRAs (its members hold the rest)."""
+        lora = self.parts.lora
+        return 0 if lora is None or any(m.weights is lora for m in self.members) else lora.size_bytes
+
 
 def check_parts(parts: list[Part]) -> tuple[Part, ...]:
     """The request's list as a canonical tuple (sorted by name); refuses what no acquisition could fix."""
@@ -182,8 +188,9 @@ def _cat(terms: list[tuple[LoraWeights, float]]) -> LoraWeights:
 
 class Composites:
     """The combinations built so far, by the identity of their members and the weights: at most
-    MAX_COMPOSITES, least recently used dropped first, and dropped with any member that leaves
-    residency. A request holds its Composite (and its members) whatever happens here."""
+    MAX_COMPOSITES and at most the bytes the registry leaves them (`trim`), least recently used
+    dropped first, and dropped with any member that leaves residency. A request holds its Composite
+    (and its members) whatever happens here."""
 
     def __init__(self) -> None:
         self._built: OrderedDict[tuple, Composite] = OrderedDict()
@@ -198,12 +205,23 @@ class Composites:
             self._built.move_to_end(key)
         return found
 
-    def put(self, key: tuple, composite: Composite) -> Composite:
+    def put(self, key: tuple, composite: Composite, budget: int | None) -> Composite:
+        """Keep `composite` (unless one was kept meanwhile: that one is returned), within `budget` bytes."""
         kept = self._built.setdefault(key, composite)
         self._built.move_to_end(key)
         while len(self._built) > MAX_COMPOSITES:
             self._built.popitem(last=False)
+        self.trim(budget)
         return kept
+
+    def trim(self, budget: int | None) -> None:
+        """Drop the least recently used until they hold at most `budget` bytes (None: no bound)."""
+        while budget is not None and self._built and self.size_bytes > budget:
+            self._built.popitem(last=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(c.size_bytes for c in self._built.values())
 
     def forget(self, adapter: Adapter) -> None:
         """`adapter` leaves residency: no combination of it is handed out again."""

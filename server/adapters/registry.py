@@ -338,7 +338,9 @@ class Registry:
         with self._lock:
             if any(self._resident.get(a.name) is not a for a in held):
                 return built  # a member left residency meanwhile: serve this request, keep nothing
-            return self._composites.put(key, built)
+            kept = self._composites.put(key, built, self._composite_budget())
+        self._publish()
+        return kept
 
     def share(self, adapter: Adapter | Composite) -> None:
         """One more use of an adapter the caller holds (another choice of its request); `release` each."""
@@ -414,6 +416,7 @@ class Registry:
                         self._composites.forget(self._resident.pop(name))
                     entry.adapter = adapter
                     self._resident[entry.name] = adapter
+                    self._composites.trim(self._composite_budget())
                     self.peak_resident = max(self.peak_resident, len(self._resident) + len(self._orphans))
                     break
                 waiter = loop.create_future()
@@ -428,6 +431,13 @@ class Registry:
         if victims:
             self.metrics.evicted(len(victims))
         self._publish()
+
+    def _composite_budget(self) -> int | None:
+        """Under the lock: the bytes of --max-adapter-memory-bytes that resident adapters leave to the
+        combinations kept for reuse (None: unbounded). Adapters come first: a seated one trims them."""
+        if not self.max_memory_bytes:
+            return None
+        return self.max_memory_bytes - sum(a.size_bytes for a in (*self._resident.values(), *self._orphans.values()))
 
     def _check_fits(self, entry: Entry, need: int) -> None:
         """Under the lock: refuse at once what could never fit, whatever is released."""
@@ -505,11 +515,12 @@ class Registry:
         with self._lock:
             registered = Counter(e.kind for e in self._entries.values())
             live = [*self._resident.values(), *self._orphans.values()]
+            combined = self._composites.size_bytes
         resident = Counter(a.kind for a in live)
         for kind in ADAPTER_KINDS:
             self.metrics.set_registered(kind, registered[kind])
             self.metrics.set_resident(kind, resident[kind])
-        self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live))
+        self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live) + combined)
 
 
 def _same_version(held: dict, stored: dict) -> bool:

@@ -131,3 +131,31 @@ def test_more_adapters_than_resident_slots_is_refused_at_once(tmp_path):
         _refused(r, 400, "at most 2 adapters", "--max-resident-adapters", "got 3")
         assert time.monotonic() - t0 < 10  # not after waiting out the acquisition timeout for a slot
         assert len(server.generate(adapters=PAIR, **BODY)["token_ids"]) == 6  # two still fit
+
+
+def test_kept_combinations_count_in_adapter_memory_and_stay_within_its_limit(tmp_path):
+    """A combination of qv and all holds their weighted sum (as many bytes as both): it counts in
+    hotswap_adapter_memory_bytes, and combinations are kept only in what --max-adapter-memory-bytes
+    leaves beside the resident adapters (here room for one: the second drops the first)."""
+    adapters = [f"qv={PEFT / 'lora-qv-r8'}", f"all={PEFT / 'lora-all-r16'}"]
+    with live_server(tmp_path / "probe", model=LLAMA, adapter=adapters) as probe:
+        for name in ("qv", "all"):
+            probe.generate(name, **BODY)  # resident: its memory_bytes are known
+        both = _memory_bytes(probe, "qv") + _memory_bytes(probe, "all")
+    limit = 2 * both + both // 2
+    with live_server(tmp_path / "srv", model=LLAMA, adapter=adapters, max_adapter_memory_bytes=limit) as server:
+        for weights in ((0.7, 0.3), (0.6, 0.4)):
+            body = {**BODY, "adapters": [{"name": "qv", "weight": weights[0]}, {"name": "all", "weight": weights[1]}]}
+            assert len(server.generate(**body)["token_ids"]) == 6
+            assert _gauge(server) == 2 * both <= limit
+
+
+def _memory_bytes(server: LiveServer, name: str) -> int:
+    with server.client() as c:
+        return c.get(f"/adapters/{name}").json()["memory_bytes"]
+
+
+def _gauge(server: LiveServer) -> float:
+    with server.client() as c:
+        lines = c.get("/metrics").text.splitlines()
+    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith("hotswap_adapter_memory_bytes{"))
