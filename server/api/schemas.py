@@ -15,6 +15,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the range torch.Generator.manual_see
 MAX_STOPS, MAX_STOP_CHARS = 64, 1000  # stop strings of a request: each streamed token is checked against them all
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]  # "" would stop at once
 Stops = Annotated[list[StopText], Field(max_length=MAX_STOPS)]
+ADAPTER_FIELDS = ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request")  # other servers' names
 
 
 def encodable(value: object) -> object:
@@ -70,8 +71,7 @@ class SamplingFields(KnownFields):
     # an int, 1 for a bool), as OpenAI refuses them; an int stands for a float
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
     misplaced: ClassVar[dict[str, str]] = {
-        name: "the adapter as `model` (several: an `adapters` list of {name, weight})"
-        for name in ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request")
+        name: "the adapter as `model` (several: an `adapters` list of {name, weight})" for name in ADAPTER_FIELDS
     }
 
     _utf8 = field_validator("*")(encodable)
@@ -127,7 +127,7 @@ class GenerateBody(Moded, Composable, SamplingFields):
     strict: ClassVar[bool] = True  # our own API: a field it does not define is a mistake, never ignored
     misplaced: ClassVar[dict[str, str]] = {
         name: "the adapter in the query, POST /generate?adapter=NAME (several: an `adapters` list of {name, weight})"
-        for name in ("adapter", "adapter_id", "adapter_name", "lora", "lora_name", "lora_request", "model")
+        for name in (*ADAPTER_FIELDS, "model")
     }
 
     prompt: str | None = None
