@@ -21,6 +21,7 @@ runs, as on `/generate`; `adapter_id` naming the base model means no adapter, as
 from __future__ import annotations
 
 import json
+import secrets
 from typing import ClassVar
 
 from fastapi import APIRouter, Depends, Request
@@ -126,7 +127,8 @@ class LoraxParameters(Moded, KnownFields, NullIsAbsent):
             temperature=(self.temperature or 1.0) if self.sampling else 0.0,
             top_p=self.top_p or 1.0,
             top_k=self.top_k or 0,
-            seed=self.seed,
+            # as LoRAX: a sampled request without a seed gets one drawn, which its details report
+            seed=self.seed if self.seed is not None or not self.sampling else secrets.randbits(63),
             stop=tuple(s for s in self.stop if s),
             ignore_eos=self.ignore_eos_token,
             logprobs=self.return_k_alternatives or 0,  # every LoRAX token carries its logprob
@@ -208,7 +210,7 @@ def _selection(p: LoraxParameters, base_name: str) -> Selection:
 
 def _summary(gen: Generation, job: Job, out: Outcome, p: LoraxParameters) -> dict:
     return {"finish_reason": _finish_reason(gen, job, out), "prompt_tokens": job.prompt_tokens,
-            "generated_tokens": len(out.token_ids), "seed": p.seed if p.sampling else None}
+            "generated_tokens": len(out.token_ids), "seed": job.params.seed if p.sampling else None}
 
 
 def _finish_reason(gen: Generation, job: Job, out: Outcome) -> str:

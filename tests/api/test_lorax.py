@@ -72,6 +72,9 @@ def test_sampling_is_seeded_and_reported(client):
     b = client.generate(PROMPT, temperature=0.9, seed=7, max_new_tokens=8, ignore_eos_token=True)
     again = client.generate(PROMPT, do_sample=True, seed=7, max_new_tokens=8, ignore_eos_token=True)
     assert a.generated_text == again.generated_text and a.details.seed == 7 and b.details.seed == 7
+    drawn = client.generate(PROMPT, do_sample=True, max_new_tokens=8, ignore_eos_token=True)  # LoRAX draws one
+    replay = client.generate(PROMPT, do_sample=True, seed=drawn.details.seed, max_new_tokens=8, ignore_eos_token=True)
+    assert drawn.details.seed is not None and replay.generated_text == drawn.generated_text
 
 
 def test_details_options(client):
