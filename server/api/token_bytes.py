@@ -10,7 +10,8 @@ The vocabulary's piece spells the bytes exactly:
     added and special tokens     their content, in UTF-8
 
 and any other vocabulary falls back to decode([id]). A token's text is its bytes when they are UTF-8
-on their own, else OpenAI's `bytes:\\xe6\\x97`, so distinct tokens keep distinct texts.
+on their own, else OpenAI's `bytes:\\xe6\\x97` (no bytes: `token_id:N`), so distinct tokens keep
+distinct texts.
 """
 from __future__ import annotations
 
@@ -54,7 +55,10 @@ class TokenBytes:
         return data
 
     def text(self, token_id: int) -> str:
-        return token_text(self.of(token_id))
+        """Its bytes' text; a token of no bytes (an id past the vocabulary: a padded row of the model's
+        embeddings) is vLLM's `token_id:N`, so such tokens keep distinct texts too."""
+        data = self.of(token_id)
+        return token_text(data) if data else f"token_id:{token_id}"
 
     def _lookup(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)

@@ -161,3 +161,12 @@ def test_sentencepiece_pieces_and_byte_fallback(name):
     tokens, offsets = lp["tokens"], lp["text_offset"]
     assert offsets[0] == 0 and tokens[0] == " "
     _check_offsets(out.text, tokens[1:], offsets[1:], _bytes(tokenizer, out.token_ids)[1:])
+
+
+def test_ids_past_the_vocabulary_keep_distinct_texts(llama):
+    """A model's embeddings may have rows past its tokenizer's vocabulary (padded): such ids in a top
+    list decode to nothing, so they are named by id instead of all sharing the empty text."""
+    past = [len(llama) + 3, len(llama) + 7]
+    out = _generated(llama, " ok", top=past)
+    top = legacy_logprobs(llama, [], out, None)["top_logprobs"][0]
+    assert {f"token_id:{i}" for i in past} <= set(top) and len(top) == 3
