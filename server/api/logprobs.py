@@ -13,6 +13,7 @@ tokens) is at that character's start.
 from __future__ import annotations
 
 import codecs
+from bisect import bisect_left
 
 from server.api.detokenizer import REPLACEMENT
 from server.api.generation import Outcome
@@ -24,10 +25,10 @@ def kept_tokens(tokenizer, token_ids: list[int], text: str) -> int:
     """How many of the generated tokens contribute to `text` (all, unless a stop string cut it)."""
     if tokenizer.decode(token_ids, skip_special_tokens=True) == text:
         return len(token_ids)
-    for k in range(len(token_ids) + 1):
-        if len(tokenizer.decode(token_ids[:k], skip_special_tokens=True)) >= len(text):
-            return k
-    return len(token_ids)
+    # the fewest tokens whose text reaches the cut text's length (a prefix's text only grows with it):
+    # a binary search, log n decodes, not n (4,096 tokens of logprobs cut by a stop took seconds)
+    return bisect_left(range(len(token_ids)), len(text),
+                       key=lambda k: len(tokenizer.decode(token_ids[:k], skip_special_tokens=True)))
 
 
 def legacy_logprobs(tokenizer, prompt_ids: list[int], out: Outcome, echoed: str | None) -> dict:
