@@ -116,7 +116,8 @@ class Metrics:
         self.requests = Counter(
             "hotswap_requests_total",
             "Generation requests that ended, by adapter kind, LoRA mode and status "
-            "(ok, cancelled, error, rejected).", ("kind", "mode", "status"), registry=r)
+            "(ok, cancelled, error, rejected: refused by a full queue, 429).", ("kind", "mode", "status"),
+            registry=r)
         self.request_duration = Histogram(
             "hotswap_request_duration_seconds",
             "Time from a request's arrival to its last token.", km,

@@ -44,6 +44,9 @@ def test_full_queue_answers_429(tmp_path):
         assert refused.headers["retry-after"].isdigit()
         assert refused.json()["error"]["type"] == "queue_full"
         assert srv.generate(prompt_token_ids=[5], max_new_tokens=3)["usage"]["completion_tokens"] >= 1
+        with srv.client() as c:  # the overload shows on the dashboard: each 429 counted as rejected
+            metrics = c.get("/metrics").text
+        assert _metric(metrics, "hotswap_requests_total", status="rejected") == codes.count(429)
 
 
 def test_no_free_adapter_slot_answers_503_with_retry_after_only_while_slots_are_in_use(tmp_path, monkeypatch):
