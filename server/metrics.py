@@ -222,9 +222,10 @@ class Metrics:
                          duration_s: float, queue_s: float | None = None,
                          ttft_s: float | None = None, tpot_s: float | None = None,
                          prompt_tokens: int = 0, cached_tokens: int = 0, completion_tokens: int = 0,
-                         adapter: str | None = None) -> None:
+                         adapters: tuple[str, ...] = ()) -> None:
         """A request ran and ended (ok, cancelled or error). Timings left None are not observed
-        (e.g. `tpot_s` for a request that generated fewer than two tokens)."""
+        (e.g. `tpot_s` for a request that generated fewer than two tokens). `adapters`: the registered
+        adapters it ran, each counted by its own name (a combination's members, not the combination)."""
         mode = normalize_mode(kind, mode)
         self.requests.labels(kind, mode, str(status)).inc()
         self.request_duration.labels(kind, mode).observe(duration_s)
@@ -237,25 +238,26 @@ class Metrics:
             self.cached_prompt_tokens.labels(kind).inc(cached_tokens)
         if completion_tokens:
             self.generated_tokens.labels(kind).inc(completion_tokens)
-        self._count_adapter(adapter)
+        self._count_adapters(adapters)
 
     def request_rejected(self, kind: str, mode: str | None, status: str = "rejected", *,
-                         adapter: str | None = None) -> None:
-        """A request was turned away before running (queue full, bad input, unknown adapter...)."""
+                         adapters: tuple[str, ...] = ()) -> None:
+        """A request was turned away before running (a full queue)."""
         mode = normalize_mode(kind, mode)
         self.requests.labels(kind, mode, str(status)).inc()
-        self._count_adapter(adapter)
+        self._count_adapters(adapters)
 
-    def _count_adapter(self, adapter: str | None) -> None:
-        if adapter is None or self.per_adapter_limit == 0:
+    def _count_adapters(self, adapters: tuple[str, ...]) -> None:
+        if self.per_adapter_limit == 0:
             return
-        with self._lock:
-            if adapter not in self._adapters_seen:
-                if len(self._adapters_seen) >= self.per_adapter_limit:
-                    adapter = OTHER_ADAPTER
-                else:
-                    self._adapters_seen.add(adapter)
-        self.adapter_requests.labels(adapter).inc()
+        for adapter in adapters:
+            with self._lock:
+                if adapter not in self._adapters_seen:
+                    if len(self._adapters_seen) >= self.per_adapter_limit:
+                        adapter = OTHER_ADAPTER
+                    else:
+                        self._adapters_seen.add(adapter)
+            self.adapter_requests.labels(adapter).inc()
 
     def set_queue(self, running: int, waiting: int) -> None:
         """The scheduler's current running batch size and waiting-queue length."""

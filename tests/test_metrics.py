@@ -85,7 +85,7 @@ def test_request_finished_moves_its_kind_only():
     m = Metrics()
     d = moved(m, lambda: m.request_finished(
         "lora", "unmerged", "ok", duration_s=0.4, queue_s=0.002, ttft_s=0.05, tpot_s=0.012,
-        prompt_tokens=7, completion_tokens=8, adapter="lora1"))
+        prompt_tokens=7, completion_tokens=8, adapters=("lora1",)))
     assert names(d) == {
         "hotswap_requests_total",
         *(f"hotswap_{h}_{s}" for h in ("request_duration_seconds", "queue_time_seconds",
@@ -126,8 +126,8 @@ def test_request_rejected_counts_status_only():
 def test_per_adapter_series_are_capped():
     m = Metrics(per_adapter_limit=2)
     for name in ("a", "b", "c", "a", "d"):
-        m.request_finished("lora", "merged", duration_s=0.1, adapter=name)
-    m.request_rejected("lora", "merged", adapter="e")
+        m.request_finished("lora", "merged", duration_s=0.1, adapters=(name,))
+    m.request_rejected("lora", "merged", adapters=("e",))
     m.request_finished("base", None, duration_s=0.1)
     per = {dict(lbl)["adapter"]: v for (n, lbl), v in samples(m).items()
            if n == "hotswap_adapter_requests_total"}
@@ -136,7 +136,7 @@ def test_per_adapter_series_are_capped():
 
 def test_per_adapter_off_by_default():
     m = Metrics()
-    d = moved(m, lambda: m.request_finished("lora", "merged", duration_s=0.1, adapter="a"))
+    d = moved(m, lambda: m.request_finished("lora", "merged", duration_s=0.1, adapters=("a",)))
     assert "hotswap_adapter_requests_total" not in names(d)
 
 
@@ -236,7 +236,7 @@ def test_render_passes_promtool():
         pytest.skip("promtool not installed")
     m = Metrics(per_adapter_limit=1)
     m.request_finished("lora", "merged", duration_s=0.5, queue_s=0.01, ttft_s=0.1, tpot_s=0.01,
-                       prompt_tokens=3, completion_tokens=4, adapter="x")
+                       prompt_tokens=3, completion_tokens=4, adapters=("x",))
     m.step(["base", "lora_unmerged"], 0.01, 2)
     m.set_adapter_memory("cpu", 1024)
     body, _ = m.render()

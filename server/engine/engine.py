@@ -181,7 +181,7 @@ class Engine:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         with self._lock:
             if self._pending >= self.settings.max_waiting:
-                self.metrics.request_rejected(req.kind, req.mode, adapter=req.adapter.name if req.adapter else None)
+                self.metrics.request_rejected(req.kind, req.mode, adapters=req.adapter_names)
                 raise QueueFullError(self._pending)
             self._pending += 1
         self._inbox.put(req)

@@ -17,7 +17,7 @@ def record_finished(metrics: Metrics, req: Request, status: str) -> None:
         req.kind, req.mode, status,
         duration_s=end - req.arrived, queue_s=queued, ttft_s=ttft, tpot_s=tpot,
         prompt_tokens=req.n_virtual + len(req.prompt_ids), cached_tokens=req.cached_tokens, completion_tokens=n_out,
-        adapter=req.adapter.name if req.adapter else None,
+        adapters=req.adapter_names,
     )
 
 

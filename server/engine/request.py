@@ -77,6 +77,11 @@ class Request:
         return self.adapter.parts if self.adapter else NO_PARTS
 
     @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The registered adapters it runs: a combination's members, each by its own name."""
+        return self.adapter.names if self.adapter else ()
+
+    @property
     def n_virtual(self) -> int:
         """A soft prompt's virtual positions before the prompt's (0 without one)."""
         return self.adapter.n_virtual if self.adapter else 0

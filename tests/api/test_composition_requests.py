@@ -159,3 +159,19 @@ def _gauge(server: LiveServer) -> float:
     with server.client() as c:
         lines = c.get("/metrics").text.splitlines()
     return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith("hotswap_adapter_memory_bytes{"))
+
+
+def test_per_adapter_request_counts_name_a_combinations_members(tmp_path):
+    """With --metrics-per-adapter-limit 3, combinations at three weights and then qv alone: each request
+    counts under its registered adapters' own names (a combination's name, weights in it, would take a
+    series per weight and push qv itself into __other__)."""
+    adapters = [f"qv={PEFT / 'lora-qv-r8'}", f"all={PEFT / 'lora-all-r16'}"]
+    with live_server(tmp_path, model=LLAMA, adapter=adapters, metrics_per_adapter_limit=3) as server:
+        for w in (0.1, 0.2, 0.3):
+            server.generate(**{**BODY, "adapters": [{"name": "qv", "weight": w}, {"name": "all", "weight": 1 - w}]})
+        server.generate("qv", **BODY)
+        with server.client() as c:
+            lines = [line for line in c.get("/metrics").text.splitlines()
+                     if line.startswith("hotswap_adapter_requests_total{")]
+    assert sorted(lines) == ['hotswap_adapter_requests_total{adapter="all"} 3.0',
+                             'hotswap_adapter_requests_total{adapter="qv"} 4.0']
