@@ -131,6 +131,10 @@ def test_openai_model_routes_like_the_query_and_streams_equal_the_json(cluster):
     completion = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert completion.headers[REPLICA] == plain.headers[REPLICA]
     assert completion.json()["choices"][0]["text"] == plain.json()["text"]
+    lorax = {"inputs": "def", "parameters": {"adapter_id": "seq_bn-rf16", "max_new_tokens": 2}}
+    for path in ("/", "/generate", "/generate_stream"):  # LoRAX's bodies route by parameters.adapter_id
+        r = httpx.post(f"{url}{path}", json=lorax, timeout=60)
+        assert r.status_code == 200 and r.headers[REPLICA] == plain.headers[REPLICA], (path, r.text)
     with httpx.stream("POST", f"{url}/generate", params={"adapter": "seq_bn-rf16"}, timeout=60,
                       json={"prompt_token_ids": prompt, "max_new_tokens": 12, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
