@@ -291,6 +291,9 @@ def _manifest_problem(name: str, manifest: dict) -> str | None:
             return f"{MANIFEST}: expected {key}, got {clip(manifest.get(key))}"
     if manifest["kind"] not in KINDS:
         return f"{MANIFEST}: expected kind {' | '.join(KINDS)}, got {clip(manifest['kind'])}"
+    modes = ("merged", "unmerged") if manifest["kind"] == "lora" else ("none",)
+    if manifest["default_mode"] not in modes:
+        return f"{MANIFEST}: expected default_mode {' | '.join(modes)}, got {clip(manifest['default_mode'])}"
     files = manifest["files"]
     for file, meta in files.items():
         if not _plain(file) or not _file_meta(meta):

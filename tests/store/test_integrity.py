@@ -47,6 +47,7 @@ TAMPER = {
     "not-json": lambda f: (f / "manifest.json").write_text("{half"),
     "no-created-at": lambda f: _edit_manifest(f, lambda m: m.pop("created_at")),
     "unknown-kind": lambda f: _edit_manifest(f, lambda m: m.update(kind="adalora")),
+    "unknown-mode": lambda f: _edit_manifest(f, lambda m: m.update(default_mode="sideways")),
     "outside-file": lambda f: _edit_manifest(f, lambda m: m["files"].update(
         {"../good/adapter_config.json": m["files"]["adapter_config.json"]})),
     "extra-file": lambda f: (f / "notes.txt").write_text("not listed"),
@@ -55,7 +56,7 @@ TAMPER = {
 REASONS = {
     "empty-files": "a config (.json) and weights (.safetensors)", "no-files": "expected files",
     "not-json": "no readable manifest.json", "no-created-at": "expected created_at",
-    "unknown-kind": "expected kind", "outside-file": "{name: {size, sha256}}",
+    "unknown-kind": "expected kind", "unknown-mode": "expected default_mode merged | unmerged", "outside-file": "{name: {size, sha256}}",
     "extra-file": "'notes.txt' is not in manifest.json", "gone": "adapter_model.safetensors is missing",
 }
 
