@@ -202,9 +202,10 @@ class Metrics:
         """Make every bounded label combination exist at 0, so rates and ratios have data."""
         for kind, mode in KIND_MODES:
             self.requests.labels(kind, mode, "ok")
-            for h in (self.request_duration, self.queue_time, self.ttft, self.tpot,
-                      self.adapter_layer_time):
+            for h in (self.request_duration, self.queue_time, self.ttft, self.tpot):
                 h.labels(kind, mode)
+            if kind in ADAPTER_KINDS:  # the kinds a step's adapter time is measured by (a row that combines
+                self.adapter_layer_time.labels(kind, mode)  # kinds counts each); base rows have none
         for kind in KINDS:
             self.prompt_tokens.labels(kind)
             self.cached_prompt_tokens.labels(kind)

@@ -58,8 +58,11 @@ def test_series_exist_at_zero_from_start():
     for kind, mode in KIND_MODES:
         assert s[("hotswap_requests_total", (("kind", kind), ("mode", mode), ("status", "ok")))] == 0
         for h in ("request_duration_seconds", "queue_time_seconds", "time_to_first_token_seconds",
-                  "time_per_output_token_seconds", "adapter_layer_seconds"):
+                  "time_per_output_token_seconds"):
             assert s[(f"hotswap_{h}_count", (("kind", kind), ("mode", mode)))] == 0
+        # adapter time is measured per adapter kind (a combined row counts each): no series that stays empty
+        layer = s.get(("hotswap_adapter_layer_seconds_count", (("kind", kind), ("mode", mode))))
+        assert layer == (0 if kind in ("lora", "prompt", "bottleneck") else None), (kind, mode)
     for kind in KINDS:
         assert s[("hotswap_generated_tokens_total", (("kind", kind),))] == 0
         assert s[("hotswap_prompt_tokens_total", (("kind", kind),))] == 0
