@@ -32,6 +32,7 @@ class Job:
     params: SamplingParams
     adapter: Adapter | Composite | None
     mode: str
+    cut_stops: bool = True  # the text ends before the stop string that ended it (LoRAX's keeps it)
 
     @property
     def kind(self) -> str:
@@ -115,12 +116,10 @@ class Generation:
 
     def job_with(self, adapter: Adapter | Composite | None, ids: list[int], params: SamplingParams,
                  mode: str | None, limit_name: str = "max_new_tokens") -> Job:
-        """A job on one use of `adapter`, which the caller holds (acquired, or shared): the job's
-        `finish` gives it back, and a refusal here releases it."""
+        """A job on one use of `adapter`, which the caller holds (acquired, or shared by a request's
+        later choices, whose max_new_tokens `job` checked with its first): the job's `finish` gives
+        it back, and a refusal here releases it."""
         try:
-            if params.max_new_tokens > self.max_new_tokens_limit:
-                raise InvalidRequestError(
-                    f"{limit_name}: expected at most {self.max_new_tokens_limit}, got {params.max_new_tokens}")
             resolved = adapter.mode_for(mode) if adapter else _base_mode(mode)
             if resolved == "merged":
                 check_mergeable(self.base.hf, adapter.parts.lora)
@@ -170,7 +169,7 @@ class Generation:
                     out.finish_reason, out.cached_tokens = self._reason(event), event.cached_tokens
                 else:
                     _collect(out, event)
-        out.text = await asyncio.to_thread(self.text, out.token_ids, job.params)
+        out.text = await asyncio.to_thread(self.text, out.token_ids, job)
         return out
 
     async def start(self, job: Job) -> tuple[Item, AsyncGenerator[Item, None]]:
@@ -193,16 +192,17 @@ class Generation:
                 _collect(out, event)
                 if isinstance(event, PromptLogprobsEvent):
                     continue
-                text = streamable(decoded.add(event.token_id), job.params.stop)
-                delta, sent = _delta(text, sent)
+                text = decoded.add(event.token_id)
+                delta, sent = _delta(streamable(text, job.params.stop) if job.cut_stops else text, sent)
                 yield event.token_id, delta, out
-        out.text = self.text(out.token_ids, job.params)
+        out.text = self.text(out.token_ids, job)
         if not out.text.startswith(sent):
             log.warning("streamed text %r is not a prefix of the decoded output %r", sent[-40:], out.text[-40:])
         yield None, out.text[len(sent):], out
 
-    def text(self, ids: list[int], params: SamplingParams) -> str:
-        return cut_at_stop(self.base.tokenizer.decode(ids, skip_special_tokens=True), params.stop)
+    def text(self, ids: list[int], job: Job) -> str:
+        text = self.base.tokenizer.decode(ids, skip_special_tokens=True)
+        return cut_at_stop(text, job.params.stop) if job.cut_stops else text
 
     @staticmethod
     def _reason(event: DoneEvent) -> str:

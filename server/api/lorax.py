@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import replace
 from typing import ClassVar
 
 from fastapi import APIRouter, Depends, Request
@@ -32,7 +33,6 @@ from server.adapters.composition import Part, check_parts
 from server.api.generation import Generation, Item, Job, Outcome, Selection
 from server.api.models import default_max_tokens
 from server.api.openai_schemas import NullIsAbsent
-from server.api.detokenizer import TextStream
 from server.api.schemas import KnownFields, Moded, Stops, encodable
 from server.api.sse import EventStream, stream_response
 from server.engine.sampling import SamplingParams
@@ -173,7 +173,7 @@ async def _generate(body: LoraxRequest, request: Request) -> dict:
     job = await _job(gen, body, request)
     out = await gen.run(job)
     p = body.parameters
-    response = {"generated_text": (body.inputs if p.return_full_text else "") + _uncut(gen, out)}
+    response = {"generated_text": (body.inputs if p.return_full_text else "") + out.text}
     if p.details or p.decoder_input_details:
         response["details"] = {**_summary(gen, job, out, p), "prefill": _prefill(gen, job, out),
                                "tokens": [_token(gen, out, k, p) for k in range(len(out.token_ids))],
@@ -191,12 +191,8 @@ async def _job(gen: Generation, body: LoraxRequest, request: Request) -> Job:
     if p.truncate:
         ids = ids[-p.truncate:]
     limit = p.max_new_tokens or default_max_tokens(request.app, selection, ids)
-    return await gen.job(selection, ids, p.params(limit), p.mode)
-
-
-def _uncut(gen: Generation, out: Outcome) -> str:
-    """The generated text with the stop sequence that ended it, as LoRAX answers it."""
-    return gen.base.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    job = await gen.job(selection, ids, p.params(limit), p.mode)
+    return replace(job, cut_stops=False)  # as LoRAX answers: the stop sequence that ended it stays
 
 
 def _selection(p: LoraxParameters, base_name: str) -> Selection:
@@ -240,23 +236,20 @@ def _prefill(gen: Generation, job: Job, out: Outcome) -> list[dict]:
 
 class _StreamRenderer:
     """Each token's event goes out when the next item comes, so the last one can carry the text
-    still held (a partial character), `generated_text` and `details`, as LoRAX's last event does.
-    The texts are the tokens' own, stop sequence included (not the stream's, which holds a stop back)."""
+    still held (a partial character), `generated_text` and `details`, as LoRAX's last event does."""
 
     def __init__(self, gen: Generation, job: Job, p: LoraxParameters, prefix: str) -> None:
         self.gen, self.job, self.p, self.prefix = gen, job, p, prefix
-        self.decoded = TextStream(gen.base.tokenizer)
         self.pending: str | None = None  # the previous token's text, not sent yet
         self.k = -1  # index of that token
 
     def __call__(self, item: Item) -> str:
-        token_id, _, out = item
+        token_id, delta, out = item
         if token_id is not None:
             line = self._event(out, None) if self.pending is not None else ""
-            before = len(self.decoded.text)
-            self.pending, self.k = self.decoded.add(token_id)[before:], self.k + 1
+            self.pending, self.k = delta, self.k + 1
             return line
-        self.pending += _uncut(self.gen, out)[len(self.decoded.text):]
+        self.pending += delta
         return self._event(out, self._final(out))
 
     def _event(self, out: Outcome, final: dict | None) -> str:
@@ -266,7 +259,7 @@ class _StreamRenderer:
         return f"data: {json.dumps(event)}\n\n"
 
     def _final(self, out: Outcome) -> dict:
-        return {"generated_text": self.prefix + _uncut(self.gen, out), "details": _summary(self.gen, self.job, out, self.p)}
+        return {"generated_text": self.prefix + out.text, "details": _summary(self.gen, self.job, out, self.p)}
 
 
 class LoraxBodies:
