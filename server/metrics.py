@@ -204,8 +204,9 @@ class Metrics:
             self.requests.labels(kind, mode, "ok")
             for h in (self.request_duration, self.queue_time, self.ttft, self.tpot):
                 h.labels(kind, mode)
-            if kind in ADAPTER_KINDS:  # the kinds a step's adapter time is measured by (a row that combines
-                self.adapter_layer_time.labels(kind, mode)  # kinds counts each); base rows have none
+            # adapter time is measured per adapter kind (a row that combines kinds counts each; base rows none)
+            if kind in ADAPTER_KINDS:
+                self.adapter_layer_time.labels(kind, mode)
         for kind in KINDS:
             self.prompt_tokens.labels(kind)
             self.cached_prompt_tokens.labels(kind)

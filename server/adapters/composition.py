@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -99,9 +100,10 @@ class Composite:
     def mode_for(self, requested: str | None) -> str:
         return resolve_mode(self.name, self.kind, self.parts.lora, self.default_mode, requested)
 
-    @property
+    @cached_property
     def size_bytes(self) -> int:
-        """What it holds of its own on the device: the weighted sum of its LoRAs (its members hold the rest)."""
+        """What it holds of its own on the device: the weighted sum of its LoRAs (its members hold the rest);
+        computed once (a Composite never changes), since the registry sums its kept ones at each seat."""
         lora = self.parts.lora
         return 0 if lora is None or any(m.weights is lora for m in self.members) else lora.size_bytes
 

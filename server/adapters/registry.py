@@ -437,7 +437,11 @@ class Registry:
         combinations kept for reuse (None: unbounded). Adapters come first: a seated one trims them."""
         if not self.max_memory_bytes:
             return None
-        return self.max_memory_bytes - sum(a.size_bytes for a in (*self._resident.values(), *self._orphans.values()))
+        return self.max_memory_bytes - sum(a.size_bytes for a in self._live())
+
+    def _live(self) -> list[Adapter]:
+        """Under the lock: every adapter on the device, resident or held by requests after it left."""
+        return [*self._resident.values(), *self._orphans.values()]
 
     def _check_fits(self, entry: Entry, need: int) -> None:
         """Under the lock: refuse at once what could never fit, whatever is released."""
@@ -455,7 +459,7 @@ class Registry:
 
     def _victims(self, need: int) -> list[str] | None:
         """Under the lock: the fewest least-recently-used evictable names that make room, or None."""
-        live = [*self._resident.values(), *self._orphans.values()]
+        live = self._live()
         count, used = len(live), sum(a.size_bytes for a in live)
         victims: list[str] = []
         for name, adapter in self._resident.items():
@@ -514,7 +518,7 @@ class Registry:
     def _publish(self) -> None:
         with self._lock:
             registered = Counter(e.kind for e in self._entries.values())
-            live = [*self._resident.values(), *self._orphans.values()]
+            live = self._live()
             combined = self._composites.size_bytes
         resident = Counter(a.kind for a in live)
         for kind in ADAPTER_KINDS:

@@ -23,5 +23,6 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_promp
             raise InvalidRequestError(f"messages: expected turns the model's chat template accepts, got: {exc}") from exc
         return list(ids), True
     speakers = [f"{t['role']} {t['name']}" if "name" in t else t["role"] for t in turns]
-    text = "".join(f"{who}: {t['content']}\n" for who, t in zip(speakers, turns)) + ("assistant:" if add_generation_prompt else "")
+    text = "".join(f"{who}: {t['content']}\n" for who, t in zip(speakers, turns))
+    text += "assistant:" if add_generation_prompt else ""
     return tokenizer.encode(text, add_special_tokens=False), False

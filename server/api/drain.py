@@ -3,8 +3,9 @@
 uvicorn waits for running requests, then cancels them, and a cancelled request that has not
 answered yet gets uvicorn's plain-text 500. So the server starts this deadline as its shutdown
 begins (server/http.py, `--shutdown-timeout-s`) and gives uvicorn a little longer: every wait on
-the engine, and every wait for a resident adapter slot, is bounded by the deadline, and a request still running when it passes answers 503 as
-JSON, or as an SSE error event once its stream has started; the engine drops its row.
+the engine, and every wait for a resident adapter slot, is bounded by the deadline, and a request
+still running when it passes answers 503 as JSON, or as an SSE error event once its stream has
+started; the engine drops its row.
 """
 from __future__ import annotations
 
