@@ -77,7 +77,7 @@ async def _lifespan(app: FastAPI):
     app.state.generation = Generation(base, registry, engine, settings.max_new_tokens_limit)
     metrics.watch_gateway(lambda: gateway_state(engine, registry))  # vllm:* series for the Gateway API
     app.state.started_at = time.time()
-    await registry.preload_pinned()
+    await registry.load_pinned()
     await asyncio.to_thread(engine.wait_ready)
     log.info("ready: %s with %d adapters", base.name, len(registry.all()))
     polls = settings.shared_store and settings.store_poll_s > 0
@@ -91,11 +91,12 @@ async def _lifespan(app: FastAPI):
 
 async def _poll_store(registry: Registry, every_s: float) -> None:
     """Shared store: take in other servers' changes between requests too, so this server's gauges
-    (registered, resident, memory) are current and a deleted adapter's memory is freed."""
+    (registered, resident, memory) are current, a deleted adapter's memory is freed and an adapter
+    pinned elsewhere is loaded here too."""
     while True:
         await asyncio.sleep(every_s)
         try:
-            await asyncio.to_thread(registry.sync)
+            await registry.load_pinned(await asyncio.to_thread(registry.sync))
         except OSError as exc:
             log.warning("store: re-reading the shared store failed: %s", exc)
 

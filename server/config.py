@@ -14,7 +14,7 @@ class Settings(BaseSettings):
     model: Path | None = Field(None, description="base model folder (Hugging Face layout); default: the embedded model")
     store: Path = Field(Path("adapters_store"), description="adapter store folder")
     shared_store: bool = Field(False, description="other servers share the store folder (a cluster): re-read it before use")
-    store_poll_s: float = Field(5.0, ge=0, description="shared store: also re-read it this often, for metrics and memory (0: off)")
+    store_poll_s: float = Field(5.0, ge=0, description="shared store: also re-read it this often, for metrics, memory and pins (0: off)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

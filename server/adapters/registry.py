@@ -86,10 +86,12 @@ class Registry:
             self._entries[manifest["name"]] = self._entry(manifest)
         self._publish()
 
-    def sync(self, name: str | None = None) -> None:
+    def sync(self, name: str | None = None) -> list[str]:
         """Shared store: take in what other servers did (uploads, replaces, deletes, pins), for `name` or all.
 
         A replaced or deleted adapter leaves residency; requests holding it finish on it. Blocking.
+        Returns the names that another server pinned (or replaced while pinned) and this one has not
+        loaded: `load_pinned` loads them, as a pin loads its adapter at once where it was made.
         """
         if name is None:
             stored = {m["name"]: m for m in self.store.manifests()}
@@ -97,12 +99,15 @@ class Registry:
             manifest = self.store.manifest(name)
             stored = {name: manifest} if manifest else {}
         with self._admin, self._lock:
+            before = {n: (e, e.pinned) for n, e in self._entries.items()}
             changed = [n for n in (stored.keys() | self._entries.keys() if name is None else {name})
                        if self._sync_one(n, stored.get(n))]
+            to_load = sorted(n for n in stored if _newly_pinned(before.get(n), self._entries[n]))
         if changed:
             log.info("store: took in changes to %s", ", ".join(sorted(changed)))
             self._publish()
             self._wake_soon()
+        return to_load
 
     def _sync_one(self, name: str, manifest: dict | None) -> bool:
         """Under both locks: make `name`'s entry match the stored manifest; True if it changed."""
@@ -223,12 +228,13 @@ class Registry:
         self._wake_soon()
         return entry
 
-    async def preload_pinned(self) -> None:
-        for entry in [e for e in self.all() if e.pinned]:
+    async def load_pinned(self, names: list[str] | None = None) -> None:
+        """Load the pinned adapters among `names` (None: all of them); one that fails is logged."""
+        for name in [e.name for e in self.all() if e.pinned] if names is None else names:
             try:
-                self.release(await self.acquire(entry.name))
+                self.release(await self.acquire(name))
             except HotswapError as exc:
-                log.warning("pinned adapter %s not loaded: %s", entry.name, exc.message)
+                log.warning("pinned adapter %s not loaded: %s", name, exc.message)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -525,6 +531,11 @@ class Registry:
             self.metrics.set_registered(kind, registered[kind])
             self.metrics.set_resident(kind, resident[kind])
         self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live) + combined)
+
+
+def _newly_pinned(before: tuple[Entry, bool] | None, entry: Entry) -> bool:
+    """`entry` is pinned and not loaded, and was not pinned before a sync (or is a new version)."""
+    return entry.pinned and entry.adapter is None and (before is None or before[0] is not entry or not before[1])
 
 
 def _same_version(held: dict, stored: dict) -> bool:

@@ -127,7 +127,7 @@ def test_pins_survive_reopen(base, reg):
     run(reg.pin("c"))
     again = Registry(base, Metrics(), reg.store, max_resident=2)
     again.open()
-    run(again.preload_pinned())
+    run(again.load_pinned())
     assert resident(again) == ["c"] and again.get("c").record()["pinned"] is True
 
 

@@ -84,6 +84,19 @@ def test_the_other_servers_gauges_follow_without_a_request(tmp_path):
             time.sleep(0.1)
 
 
+def test_a_pin_through_one_loads_the_adapter_on_the_other(tmp_path):
+    store = tmp_path / "store"
+    with live_server(tmp_path / "a", model=LLAMA, store=store, shared_store=True) as a, \
+            live_server(tmp_path / "b", model=LLAMA, store=store, shared_store=True, store_poll_s=0.2) as b:
+        client = httpx.Client(base_url=a.url, timeout=60)
+        assert upload(client, "x", files=folder_files(LORA)).status_code == 201
+        assert client.post("/adapters/x/pin").json()["resident"] is True
+        deadline = time.monotonic() + 10
+        while not httpx.get(f"{b.url}/adapters/x").json()["resident"]:
+            assert time.monotonic() < deadline, "b never loaded the adapter a pinned"
+            time.sleep(0.1)
+        assert httpx.get(f"{b.url}/adapters/x").json()["pinned"] is True
+
 
 def test_a_replica_that_loses_the_race_to_import_the_examples_skips_them(tmp_path):
     """Two replicas with the embedded model start on a new shared store: both import examples/."""
