@@ -29,7 +29,7 @@ from server.config import Settings
 from server.engine import threads
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
-from server.http import BodyLimit, CancelOnDisconnect
+from server.http import BodyLimit, CancelOnDisconnect, Responses
 from server.errors import AdapterExistsError, HotswapError, InvalidRequestError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
@@ -43,11 +43,13 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="hotswap", lifespan=_lifespan)
     app.state.settings = settings
     app.state.draining = False
-    for module in (generate, openai, tokenize, lorax, adapters, health):
+    routers = (generate, openai, tokenize, lorax, adapters, health)
+    for module in routers:
         app.include_router(module.router)
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle_s=settings.body_timeout_s)
-    app.add_middleware(CancelOnDisconnect)  # outermost: it watches the server's own receive
+    app.add_middleware(CancelOnDisconnect)  # it watches the server's own receive
+    app.add_middleware(Responses, routes=[r for m in routers for r in m.router.routes])  # outermost: counts every answer
     _install_error_handlers(app)
     return app
 

@@ -11,6 +11,9 @@
   its engine request is cancelled and its adapter released instead of decoding to its end for
   nobody. Once the response has started, the response's own writes (and Starlette's watch of a
   streaming response) see the disconnect.
+- `Responses` (ASGI middleware, outermost): each answer counted in `hotswap_http_responses_total` by
+  method, route template and status, the refusals above included; a client gone before any answer
+  counts as 499 (nginx's "client closed request").
 - `--header-timeout-s`: uvicorn bounds only the idle time between requests (`timeout_keep_alive`);
   neither of its HTTP protocols bounds the time a client takes to send a request's headers (h11's
   `h11_max_incomplete_event_size` bounds their size, not their pace). So the protocol uvicorn would
@@ -31,6 +34,7 @@ import math
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -40,6 +44,8 @@ from server.config import Settings
 DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
 UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their own limit
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (httptools has no bound; h11's is 16 KiB)
+CLIENT_GONE = 499  # the code counted for a request answered nothing (nginx's)
+UNMATCHED = "unmatched"  # the route counted for a path no route has
 GENERATIONS = {("POST", path) for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/",
                                            "/generate_stream")}  # native, OpenAI, LoRAX
 
@@ -71,6 +77,44 @@ class Server(uvicorn.Server):
         if generation is not None:
             generation.drain.begin(settings.shutdown_timeout_s)
         await super().shutdown(sockets)
+
+
+# ---------------------------------------------------------------- answers counted
+
+
+class Responses:
+    """Count each HTTP answer by method, route template and status (the app's metrics, once started).
+    `routes`: the app's routes, for the template of a request refused before routing."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        code = CLIENT_GONE
+
+        async def counted_send(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except Exception:
+            code = 500 if code == CLIENT_GONE else code  # Starlette's error middleware, outside, answers 500
+            raise
+        finally:
+            metrics = getattr(scope["app"].state, "metrics", None)  # None: before start-up ended
+            if metrics is not None:
+                metrics.http_response(scope["method"], self._route_of(scope), code)
+
+    def _route_of(self, scope: Scope) -> str:
+        """The path template of the route that served `scope` (or would have, for a refusal before routing)."""
+        route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+        return getattr(route, "path", UNMATCHED)
 
 
 # ---------------------------------------------------------------- a client gone before its answer

@@ -15,6 +15,8 @@ Labels are bounded sets:
 - `batch_kinds`: the sorted, '+'-joined set of row kinds in one decode step, e.g.
   `base+bottleneck+lora_unmerged+prompt` (see `batch_kinds_label`)
 - `adapter`: only when opted in with `per_adapter_limit`, capped, the rest under `__other__`
+- `method`, `route`, `code` (HTTP responses): the app's methods, route templates (`unmatched` for a path
+  no route has) and status codes
 
 Beside them, the series the Kubernetes Gateway API Inference Extension (and llm-d) route by, with
 vLLM's names and meaning (docs/proposals/003-model-server-protocol), read from the engine and the
@@ -193,6 +195,11 @@ class Metrics:
         self.generated_tokens = Counter(
             "hotswap_generated_tokens_total",
             "Generated tokens of finished requests, by kind.", ("kind",), registry=r)
+        self.http_responses = Counter(
+            "hotswap_http_responses_total",
+            "HTTP responses by method, route (its path template; unmatched: no route) and status code "
+            "(499: the client left before an answer): refusals at the door included.",
+            ("method", "route", "code"), registry=r)
         self.adapter_requests = Counter(
             "hotswap_adapter_requests_total",
             "Requests per adapter name; opt-in and capped, the rest counted as __other__.",
@@ -248,6 +255,10 @@ class Metrics:
         mode = normalize_mode(kind, mode)
         self.requests.labels(kind, mode, str(status)).inc()
         self._count_adapters(adapters)
+
+    def http_response(self, method: str, route: str, code: int) -> None:
+        """One HTTP answer (or a client that left before one: 499)."""
+        self.http_responses.labels(method, route, str(code)).inc()
 
     def _count_adapters(self, adapters: tuple[str, ...]) -> None:
         if self.per_adapter_limit == 0:

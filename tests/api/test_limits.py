@@ -10,6 +10,7 @@ import time
 from urllib.parse import urlparse
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from tests.conftest import LLAMA, live_server
@@ -144,3 +145,26 @@ def test_oversized_headers_get_431(srv):
             answer += chunk
     status, error = status_and_error(answer)
     assert status == 431 and error["type"] == "headers_too_large"
+
+
+def _answers(srv) -> dict[tuple[str, str, str], float]:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return {(s.labels["method"], s.labels["route"], s.labels["code"]): s.value
+            for family in text_string_to_metric_families(text) if family.name == "hotswap_http_responses"
+            for s in family.samples if s.name == "hotswap_http_responses_total"}
+
+
+def test_every_answer_is_counted_by_route_and_code_refusals_at_the_door_too(srv):
+    before = _answers(srv)
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    assert status_and_error(raw(srv, head % 10**9)[0])[0] == 413  # refused before routing
+    with srv.client() as c:
+        assert c.get("/adapters/nope").status_code == 404
+        assert c.get("/nowhere").status_code == 404
+        assert c.post("/generate", content=b'{"prompt": ', headers={"content-type": "application/json"}).status_code == 400
+        assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 1}).status_code == 200
+    after = _answers(srv)
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert {k: v for k, v in moved.items() if k[1] != "/metrics"} == {
+        ("POST", "/v1/completions", "413"): 1, ("GET", "/adapters/{name}", "404"): 1, ("GET", "unmatched", "404"): 1,
+        ("POST", "/generate", "400"): 1, ("POST", "/generate", "200"): 1}
