@@ -3,7 +3,9 @@
 `/tokenize` takes a `prompt` (with `add_special_tokens`, default true) or chat `messages` (the chat
 prompt the chat endpoint would build; `add_generation_prompt`, default true) and answers
 `{"count", "max_model_len", "tokens", "token_strs"}`; `model` (optional) picks the model card
-whose `max_model_len` is reported. `/detokenize` takes `tokens` and answers `{"prompt"}`.
+whose `max_model_len` is reported. Text that no tokenization could fit in the context is refused
+before it is tokenized, as the generation routes refuse it. `/detokenize` takes `tokens` and
+answers `{"prompt"}`.
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ class DetokenizeBody(NullIsAbsent):
 async def tokenize(body: TokenizeBody, request: Request) -> dict:
     app = request.app
     entry = entry_of(app, body.model) if body.model else None
+    if body.prompt is not None:  # text no context could hold is refused untokenized, as generation refuses it
+        app.state.generation.check_length(len(body.prompt))
+    else:
+        app.state.generation.check_turns(body.messages)
     ids = await asyncio.to_thread(_ids, app.state.base.tokenizer, body)
     strs = app.state.base.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": max_model_len(app, entry), "tokens": ids, "token_strs": strs}

@@ -115,7 +115,7 @@ def test_refused_with_400_naming_the_field(llama_server, path, raw, field):
 
 
 @pytest.mark.parametrize("path,body", [("/generate", {}), ("/v1/completions", {"model": "tiny-llama"}),
-                                       ("/", {"inputs": "ab" * 140_000})])
+                                       ("/", {"inputs": "ab" * 140_000}), ("/tokenize", {})])
 def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, path, body):
     """More characters than the context's 2,048 tokens of the vocabulary's longest (64 characters)
     could hold, twice over: refused by its length, before the tokenizer spends seconds on it."""
@@ -126,6 +126,12 @@ def test_text_no_tokenization_could_fit_is_refused_untokenized(llama_server, pat
     message = error if path == "/" else error["message"]
     assert message.startswith("inputs" if path == "/" else "prompt"), message
     assert "280000 characters" in message
+
+
+def test_tokenize_refuses_turns_no_context_could_hold_untemplated(llama_server):
+    with llama_server.client() as c:
+        r = c.post("/tokenize", json={"messages": [{"role": "user", "content": "ab" * 140_000}]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("messages"), r.text
 
 
 def test_unimplemented_fields_at_values_that_change_nothing_are_served(llama_server):
@@ -155,3 +161,14 @@ def test_a_chat_template_that_refuses_the_turns_is_a_400_with_its_message(llama_
 def test_seeds_at_the_ends_of_the_range_are_served(llama_server, seed):
     out = llama_server.generate(prompt_token_ids=[5, 6], max_new_tokens=3, temperature=1.0, seed=seed)
     assert out["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/completions", "POST"), ("OPTIONS", "/generate", "POST"),
+                                                   ("PUT", "/adapters/x", "DELETE, GET"), ("POST", "/health", "GET")])
+def test_a_method_the_route_lacks_is_405_naming_every_method_it_has(llama_server, method, path, allowed):
+    with llama_server.client() as c:
+        r = c.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allowed
+    error = r.json()["error"]
+    assert f"expected {allowed.replace(', ', ' or ')} for {path}, got {method}" in error["message"]
+    assert error["code" if path.startswith("/v1/") else "type"] == "http_error"
