@@ -49,7 +49,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle_s=settings.body_timeout_s)
     app.add_middleware(CancelOnDisconnect)  # it watches the server's own receive
-    app.add_middleware(Responses, routes=[r for m in routers for r in m.router.routes])  # outermost: counts every answer
+    app.state.routes = [r for m in routers for r in m.router.routes]
+    app.add_middleware(Responses, routes=app.state.routes)  # outermost: it counts every answer
     _install_error_handlers(app)
     return app
 
@@ -164,7 +165,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == UNPARSED:
             return error_response(request.url.path, 400, InvalidRequestError.type, UNPARSED_MESSAGE)
-        return error_response(request.url.path, exc.status_code, "http_error", str(exc.detail))
+        if exc.status_code == 405:
+            allowed = sorted({m for r in app.state.routes if r.path_regex.match(request.url.path) for m in r.methods})
+            message = f"method: expected {' or '.join(allowed)} for {request.url.path}, got {request.method}"
+            return error_response(request.url.path, 405, "http_error", message, {"Allow": ", ".join(allowed)})
+        return error_response(request.url.path, exc.status_code, "http_error", str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

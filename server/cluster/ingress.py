@@ -24,10 +24,10 @@ from server.cluster.routing import adapter_of
 log = logging.getLogger(__name__)
 
 REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # all: the replica answers as the server
 RETRY_AFTER_S = 1
 
-http = FastAPI(title="hotswap cluster")
+http = FastAPI(title="hotswap cluster", openapi_url=None, docs_url=None, redoc_url=None)  # the replica's, forwarded
 
 
 # Helpers come before the class: Ray pickles the decorated class with the globals defined so far.

@@ -142,6 +142,14 @@ def test_openai_model_routes_like_the_query_and_streams_equal_the_json(cluster):
     assert [e["token_id"] for e in events[:-1]] == events[-1]["token_ids"] == _expected("seq_bn-rf16")[1]
 
 
+def test_every_method_and_the_api_description_are_the_servers(cluster):
+    url, _ = cluster
+    assert "/v1/completions" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    for method in ("HEAD", "OPTIONS"):
+        r = httpx.request(method, f"{url}/generate")
+        assert r.status_code == 405 and r.headers[REPLICA], (method, r.status_code, r.text)
+
+
 def test_each_replica_exports_its_metrics(cluster):
     _, metrics_port = cluster
     for port in (metrics_port, metrics_port + 1):
