@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 from bisect import bisect_left
 
-from server.api.detokenizer import REPLACEMENT
+from server.api.detokenizer import TextStream
 from server.api.generation import Outcome
 from server.api.token_bytes import TokenBytes, token_bytes
 from server.engine.logprobs import TokenLogprob
@@ -134,20 +134,13 @@ def _carries_on(decoder: codecs.IncrementalDecoder, data: bytes) -> bool:
 
 
 def _decoded_lengths(tokenizer, ids: list[int], skip_special: bool) -> list[int]:
-    """len(decode(ids[:k])) for k = 0..len(ids), each from a short window of ids as TextStream decodes
-    (detokenizer.py; decoding every prefix whole would be O(n²)). The window moves on where the text
-    does not end in U+FFFD, so a character split over tokens is decoded whole. Exact for byte-level BPE;
-    sentencepiece's byte fallback writes a run of byte tokens that is not UTF-8 as one U+FFFD per token,
-    and a window that starts inside such a run can count them otherwise, so the lengths after it can be off."""
-    def decode(window: list[int]) -> str:
-        return tokenizer.decode(window, skip_special_tokens=skip_special) if window else ""
-
+    """len(decode(ids[:k])) for k = 0..len(ids), each from TextStream's short window (decoding every
+    prefix whole would be O(n²)). Exact for byte-level BPE; sentencepiece's byte fallback writes a run
+    of byte tokens that is not UTF-8 as one U+FFFD per token, and a window that starts inside such a
+    run can count them otherwise, so the lengths after it can be off."""
+    stream = TextStream(tokenizer, skip_special)
     lengths = [0]
-    done = start = read = context = 0  # text before `read`; the window is ids[start:], its context ids[start:read]
-    for k in range(1, len(ids) + 1):
-        whole = decode(ids[start:k])
-        lengths.append(done + len(whole) - context)
-        if len(whole) > context and not whole.endswith(REPLACEMENT):
-            done, start, read = lengths[-1], read, k
-            context = len(decode(ids[start:read]))
+    for token_id in ids:
+        stream.add(token_id)
+        lengths.append(stream.decoded_length)
     return lengths
