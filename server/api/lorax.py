@@ -296,4 +296,9 @@ def is_lorax_body(body: bytes) -> bool:
         data = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested too deep: the route's own parsing refuses it
         return False
-    return isinstance(data, dict) and "inputs" in data and not {"prompt", "prompt_token_ids"} & data.keys()
+    return isinstance(data, dict) and is_lorax_object(data)
+
+
+def is_lorax_object(data: dict) -> bool:
+    """A parsed body is LoRAX's: it has `inputs` and neither of ours, `prompt` or `prompt_token_ids`."""
+    return "inputs" in data and not {"prompt", "prompt_token_ids"} & data.keys()

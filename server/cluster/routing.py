@@ -10,29 +10,35 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs
 
-from server.api.lorax import is_lorax_body
+from server.api.lorax import is_lorax_object
 
 MODEL_IN_BODY = frozenset({"/v1/completions", "/v1/chat/completions"})
 LORAX_ROUTES = frozenset({"/", "/generate_stream"})
 
 
 def adapter_of(path: str, query_string: bytes, body: bytes, base_name: str) -> str:
-    if path in LORAX_ROUTES or (path == "/generate" and is_lorax_body(body)):
-        named = _json_field(_json_field(body, "parameters", dict), "adapter_id")
+    if path not in LORAX_ROUTES | MODEL_IN_BODY and path != "/generate":
+        return ""
+    data = _json_object(body)  # parsed once
+    if path in LORAX_ROUTES or (path == "/generate" and is_lorax_object(data)):
+        named = _field(_field(data, "parameters", dict), "adapter_id")
     elif path == "/generate":
         named = parse_qs(query_string.decode("latin-1")).get("adapter", [""])[0]
-    elif path in MODEL_IN_BODY:
-        named = _json_field(body, "model")
     else:
-        return ""
+        named = _field(data, "model")
     return "" if named == base_name else named
 
 
-def _json_field(body: bytes | dict, name: str, kind: type = str):
-    """The field of a JSON object (its bytes, or the object), or an empty `kind` where it has none of
-    that type (the replica answers the body's faults)."""
+def _json_object(body: bytes) -> dict:
+    """The body's JSON object, or {} where it is none (the replica answers the body's faults)."""
     try:
-        value = (json.loads(body) if isinstance(body, bytes) else body).get(name)
-    except (ValueError, AttributeError, RecursionError):
-        return kind()
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _field(data: dict, name: str, kind: type = str):
+    """`data[name]`, or an empty `kind` where it has none of that type."""
+    value = data.get(name)
     return value if isinstance(value, kind) else kind()
