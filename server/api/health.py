@@ -1,4 +1,6 @@
-"""`GET /health` (the process answers), `GET /ready` (model loaded and warm), `GET /metrics`."""
+"""`GET /health` (the process answers), `GET /ready` (model loaded and warm), `GET /metrics`.
+
+The probes answer HEAD too (the status without the body), as load balancers' health checks may ask."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
@@ -7,12 +9,12 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(request: Request) -> JSONResponse:
     engine = request.app.state.engine
     if engine.ready.is_set() and not request.app.state.draining:

@@ -164,7 +164,7 @@ def test_seeds_at_the_ends_of_the_range_are_served(llama_server, seed):
 
 
 @pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/completions", "POST"), ("OPTIONS", "/generate", "POST"),
-                                                   ("PUT", "/adapters/x", "DELETE, GET"), ("POST", "/health", "GET")])
+                                                   ("PUT", "/adapters/x", "DELETE, GET"), ("POST", "/health", "GET, HEAD")])
 def test_a_method_the_route_lacks_is_405_naming_every_method_it_has(llama_server, method, path, allowed):
     with llama_server.client() as c:
         r = c.request(method, path)
@@ -172,3 +172,10 @@ def test_a_method_the_route_lacks_is_405_naming_every_method_it_has(llama_server
     error = r.json()["error"]
     assert f"expected {allowed.replace(', ', ' or ')} for {path}, got {method}" in error["message"]
     assert error["code" if path.startswith("/v1/") else "type"] == "http_error"
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+def test_the_probes_answer_head(llama_server, path):
+    with llama_server.client() as c:
+        r = c.head(path)
+    assert r.status_code == 200 and r.content == b""
