@@ -99,7 +99,8 @@ async def _poll_store(registry: Registry, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         try:
-            await registry.load_pinned(await asyncio.to_thread(registry.sync))
+            await asyncio.to_thread(registry.sync)
+            await registry.load_pinned(registry.pending_pins())
         except OSError as exc:
             log.warning("store: re-reading the shared store failed: %s", exc)
 

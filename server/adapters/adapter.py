@@ -69,6 +69,7 @@ class Entry:
     loading: asyncio.Task | None = None  # the one load in flight (event loop only)
     waiting: int = 0  # acquirers waiting for that load: not evictable meanwhile
     problem: str | None = None  # why a load found the files corrupt (then never served)
+    pin_pending: bool = False  # shared store: pinned by another server, not yet loaded here
 
     name = property(lambda self: self.manifest["name"])
     kind = property(lambda self: self.manifest.get("kind"))  # None: a corrupt manifest without a known kind

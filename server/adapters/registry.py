@@ -86,12 +86,11 @@ class Registry:
             self._entries[manifest["name"]] = self._entry(manifest)
         self._publish()
 
-    def sync(self, name: str | None = None) -> list[str]:
+    def sync(self, name: str | None = None) -> None:
         """Shared store: take in what other servers did (uploads, replaces, deletes, pins), for `name` or all.
 
         A replaced or deleted adapter leaves residency; requests holding it finish on it. Blocking.
-        Returns the names that another server pinned (or replaced while pinned) and this one has not
-        loaded: `load_pinned` loads them, as a pin loads its adapter at once where it was made.
+        What another server pinned (or replaced while pinned) is marked for `pending_pins`.
         """
         if name is None:
             stored = {m["name"]: m for m in self.store.manifests()}
@@ -99,15 +98,21 @@ class Registry:
             manifest = self.store.manifest(name)
             stored = {name: manifest} if manifest else {}
         with self._admin, self._lock:
-            before = {n: (e, e.pinned) for n, e in self._entries.items()}
             changed = [n for n in (stored.keys() | self._entries.keys() if name is None else {name})
                        if self._sync_one(n, stored.get(n))]
-            to_load = sorted(n for n in stored if _newly_pinned(before.get(n), self._entries[n]))
         if changed:
             log.info("store: took in changes to %s", ", ".join(sorted(changed)))
             self._publish()
             self._wake_soon()
-        return to_load
+
+    def pending_pins(self) -> list[str]:
+        """The adapters other servers pinned that this one has not loaded since (each named once):
+        `load_pinned` loads them, as a pin loads its adapter at once where it was made."""
+        with self._lock:
+            pending = [e for e in self._entries.values() if e.pin_pending]
+            for entry in pending:
+                entry.pin_pending = False
+        return sorted(e.name for e in pending if e.adapter is None)
 
     def _sync_one(self, name: str, manifest: dict | None) -> bool:
         """Under both locks: make `name`'s entry match the stored manifest; True if it changed."""
@@ -117,11 +122,14 @@ class Registry:
                 self._unseat(self._entries.pop(name))
             return entry is not None
         if entry is not None and _same_version(entry.manifest, manifest):
-            entry.manifest["pinned"] = entry.pinned = bool(manifest.get("pinned"))
+            pinned = bool(manifest.get("pinned"))
+            entry.pin_pending = entry.pin_pending or (pinned and not entry.pinned)
+            entry.manifest["pinned"] = entry.pinned = pinned
             return False
         if entry is not None:
             self._unseat(entry)
-        self._entries[name] = self._entry(manifest)
+        self._entries[name] = new = self._entry(manifest)
+        new.pin_pending = new.pinned
         return True
 
     def _entry(self, manifest: dict) -> Entry:
@@ -271,6 +279,9 @@ class Registry:
             except asyncio.CancelledError:
                 with self._lock:
                     entry.waiting -= 1
+                    abandoned = entry.waiting == 0
+                if abandoned:
+                    self._wake()  # a load waiting for a slot sees that nobody wants it now
                 raise
             with self._lock:
                 entry.waiting -= 1
@@ -412,8 +423,8 @@ class Registry:
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                if self._entries.get(entry.name) is not entry:
-                    return  # deleted or replaced while loading: drop what was loaded
+                if self._entries.get(entry.name) is not entry or entry.waiting == 0:
+                    return  # deleted or replaced while loading, or its requests left: drop what was loaded
                 self._check_fits(entry, need)
                 victims = self._victims(need)
                 if victims is not None:
@@ -531,11 +542,6 @@ class Registry:
             self.metrics.set_registered(kind, registered[kind])
             self.metrics.set_resident(kind, resident[kind])
         self.metrics.set_adapter_memory(str(self.base.device), sum(a.size_bytes for a in live) + combined)
-
-
-def _newly_pinned(before: tuple[Entry, bool] | None, entry: Entry) -> bool:
-    """`entry` is pinned and not loaded, and was not pinned before a sync (or is a new version)."""
-    return entry.pinned and entry.adapter is None and (before is None or before[0] is not entry or not before[1])
 
 
 def _same_version(held: dict, stored: dict) -> bool:

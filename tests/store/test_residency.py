@@ -92,6 +92,22 @@ def test_held_adapter_never_evicted_and_waiter_admitted_after_release(reg):
     assert reg.peak_resident == 2
 
 
+def test_a_request_that_leaves_while_waiting_for_a_slot_loads_nothing_and_evicts_nothing(reg):
+    async def scenario():
+        held = [await reg.acquire("a"), await reg.acquire("b")]
+        leaver = asyncio.ensure_future(reg.acquire("c"))  # no slot: both residents are held
+        await asyncio.sleep(0.3)
+        leaver.cancel()  # its client left
+        await asyncio.sleep(0.1)
+        for adapter in held:
+            reg.release(adapter)
+        await asyncio.sleep(0.3)
+        assert reg.get("c").loading is None
+
+    run(scenario())
+    assert resident(reg) == ["a", "b"] and reg.metrics.evictions._value.get() == 0
+
+
 def test_concurrent_first_uses_load_once(reg, monkeypatch):
     calls = []
     real = reg._read
