@@ -105,29 +105,30 @@ def test_idle_connection_is_closed_too(srv):
 
 
 def test_huge_text_does_not_stall_health(tmp_path):
-    """2 MB of text take seconds to tokenize (/tokenize counts them; a generation refuses them by their
-    length alone, test_door_validation); /health keeps answering meanwhile."""
+    """24 texts of 252,000 characters, each just under what the context could hold (a longer one is refused
+    by its length alone, test_door_validation), take seconds to tokenize; /health keeps answering meanwhile."""
     with live_server(tmp_path, as_main=True, model=LLAMA) as s:
-        result: dict = {}
+        answers: list[httpx.Response] = []
 
         def huge():
             with httpx.Client(base_url=s.url, timeout=120) as c:
-                result["r"] = c.post("/tokenize", json={"prompt": "hello world " * 170_000})
-            result["done"] = time.monotonic()
+                answers.append(c.post("/tokenize", json={"prompt": "hello world " * 21_000}))
 
-        caller = threading.Thread(target=huge)
-        caller.start()
-        time.sleep(0.5)  # the body is read and tokenizing
+        callers = [threading.Thread(target=huge) for _ in range(24)]
+        for caller in callers:
+            caller.start()
+        time.sleep(0.2)  # the bodies are read and tokenizing
         answered, slowest = 0, 0.0
         with httpx.Client(base_url=s.url, timeout=10) as c:
-            while "done" not in result and answered < 200:
+            while len(answers) < len(callers) and answered < 200:
                 t0 = time.monotonic()
                 assert c.get("/health").status_code == 200
                 slowest = max(slowest, time.monotonic() - t0)
                 answered += 1
                 time.sleep(0.05)
-        caller.join(120)
-        assert result["r"].status_code == 200 and result["r"].json()["count"] > 2048
+        for caller in callers:
+            caller.join(120)
+        assert [(r.status_code, r.json()["count"]) for r in answers] == [(200, 105_001)] * len(callers)
         assert answered >= 3 and slowest < 1.0, (answered, slowest)
 
 
