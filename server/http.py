@@ -200,17 +200,19 @@ class BodyLimit:
         if limit is not None and declared is not None and declared > limit:
             return await _refuse(send, scope["path"], 413, "payload_too_large",
                                  _too_large(limit, f"{declared} (Content-Length)"))
-        await _Counted(self.app, limit, self.idle_s)(scope, receive, send)
+        await _Counted(self.app, limit, self.idle_s, bool(declared) or _chunked(scope))(scope, receive, send)
 
 
 class _Counted:
     """One request whose body bytes are counted and timed as they arrive; past the limit or the idle
-    time, the app's answer (an error about a body it could not read) is replaced by the 413 or 408."""
+    time, the app's answer (an error about a body it could not read) is replaced by the 413 or 408.
+    An answer that starts before the body is read whole (a 401 or 404 after the head) closes the
+    connection: else the body's remaining bytes would be read as the next request's head."""
 
-    def __init__(self, app: ASGIApp, limit: int | None, idle_s: float) -> None:
+    def __init__(self, app: ASGIApp, limit: int | None, idle_s: float, has_body: bool) -> None:
         self.app, self.limit, self.idle_s = app, limit, idle_s
         self.received = 0
-        self.complete = False
+        self.complete = not has_body
         self.refusal: tuple[int, str, str] | None = None  # status, type, message
         self.started = False
 
@@ -237,6 +239,8 @@ class _Counted:
         async def guarded_send(message: Message) -> None:
             if self.refusal is not None and not self.started:
                 return  # the app's answer to a body it could not read; the refusal replaces it
+            if message["type"] == "http.response.start" and not self.complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             self.started = True
             await send(message)
 
@@ -254,6 +258,10 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+def _chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" for name, _ in scope["headers"])
 
 
 def _too_large(limit: int, got: str) -> str:

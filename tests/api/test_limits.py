@@ -169,3 +169,11 @@ def test_every_answer_is_counted_by_route_and_code_refusals_at_the_door_too(srv)
     assert {k: v for k, v in moved.items() if k[1] != "/metrics"} == {
         ("POST", "/v1/completions", "413"): 1, ("GET", "/adapters/{name}", "404"): 1, ("GET", "unmatched", "404"): 1,
         ("POST", "/generate", "400"): 1, ("POST", "/generate", "200"): 1}
+
+
+def test_an_answer_before_the_body_is_read_closes_the_connection(srv):
+    """A 404 after the head alone: the body's bytes still coming are not read as the next request's head."""
+    head = b"POST /nope HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (LIMIT // 2)
+    answer, _ = raw(srv, head + b"x" * 1000)  # read until the server closes the connection
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 404"), answer[:300]
+    assert b"connection: close" in answer.lower()
