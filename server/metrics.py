@@ -21,13 +21,14 @@ Labels are bounded sets:
 Beside them, the series the Kubernetes Gateway API Inference Extension (and llm-d) route by, with
 vLLM's names and meaning (docs/proposals/003-model-server-protocol), read from the engine and the
 registry at each scrape (`watch_gateway`):
-- `vllm:num_requests_waiting`, `vllm:num_requests_running`: gauges, requests queued / in the batch;
+- `vllm:num_requests_waiting`, `vllm:num_requests_running`: gauges, requests queued (or waiting for
+  their adapter's resident slot) / in the batch;
 - `vllm:kv_cache_usage_perc`: gauge, 0..1 (1 = full, as vLLM): the KV positions the running rows
   reserve (prompt + max_new_tokens each) over `--max-batch-tokens`, what admission is bounded by;
 - `vllm:lora_requests_info`: gauge whose value is the time of the scrape (as vLLM's, so the newest
   sample wins), labels `running_lora_adapters` (comma-separated: adapters resident on the device,
   ready to serve, the protocol's definition, and those of running rows), `waiting_lora_adapters`
-  (adapters of queued requests), `max_lora` (resident slots, `--max-resident-adapters`).
+  (adapters of queued requests and of those waiting for a slot), `max_lora` (resident slots, `--max-resident-adapters`).
 """
 from __future__ import annotations
 

@@ -528,6 +528,11 @@ class Registry:
     def _device_bytes(self, fp32_bytes: int) -> int:
         return fp32_bytes * self.base.dtype.itemsize // 4
 
+    def slot_waits(self) -> dict[str, int]:
+        """The adapters requests are waiting to have resident (loading, or for a slot): name -> requests."""
+        with self._lock:
+            return {e.name: e.waiting for e in self._entries.values() if e.waiting > 0}
+
     def resident_count(self) -> int:
         with self._lock:
             return len(self._resident) + len(self._orphans)

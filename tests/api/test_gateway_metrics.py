@@ -61,6 +61,19 @@ def test_series_follow_a_busy_batch(server):
     assert idle["vllm:kv_cache_usage_perc"][1] == 0
 
 
+def test_a_request_waiting_for_an_adapter_slot_counts_as_waiting(tmp_path):
+    """One resident slot, held by a long LoRA request: a soft-prompt request waits for it, before any queue."""
+    adapters = [f"lora={PEFT / 'lora-qv-r8'}", f"soft={PEFT / 'prompt-16'}"]
+    with live_server(tmp_path, model=LLAMA, adapter=adapters, max_resident_adapters=1) as srv, ThreadPoolExecutor(2) as pool:
+        long = pool.submit(srv.generate, "lora", prompt_token_ids=[5, 6, 7], max_new_tokens=400, ignore_eos=True)
+        _wait_for(srv, lambda g: g["vllm:num_requests_running"][1] == 1)
+        short = pool.submit(srv.generate, "soft", prompt_token_ids=[5, 6, 7], max_new_tokens=2)
+        waiting = _wait_for(srv, lambda g: g["vllm:num_requests_waiting"][1] == 1)
+        assert waiting["vllm:lora_requests_info"][0]["waiting_lora_adapters"] == "soft"
+        assert long.result()["usage"]["completion_tokens"] == 400 and short.result()["kind"] == "prompt"
+        assert _gateway(srv)["vllm:num_requests_waiting"][1] == 0
+
+
 def _wait_for(srv: LiveServer, ok, timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
