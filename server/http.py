@@ -23,7 +23,8 @@
   one that arrives whole in a single socket read, at most 256 KiB, is parsed as it is).
 - `Server`: when uvicorn's shutdown begins, /ready says draining and the in-flight generations get
   the `--shutdown-timeout-s` deadline (server/api/drain.py); uvicorn waits a little longer, so it
-  never has to cancel a request that has not answered.
+  never has to cancel a request that has not answered. A body still arriving at the deadline (an
+  upload too) is answered 503 `shutting_down` as JSON, and the connection closed.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import asyncio
 import importlib.util
 import json
 import math
+from collections.abc import Awaitable
 
 import uvicorn
 from fastapi import FastAPI
@@ -40,6 +42,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.error_shapes import error_body
 from server.config import Settings
+from server.errors import ShuttingDownError
 
 DRAIN_MARGIN_S = 2  # uvicorn's wait beyond the drain deadline: time for the 503s to be written
 UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their own limit
@@ -221,7 +224,10 @@ class _Counted:
             if self.complete:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.idle_s)
+                message = await _drained(scope, asyncio.wait_for(receive(), self.idle_s))
+            except ShuttingDownError as exc:  # uvicorn would cancel the handler: a plain-text 500
+                self.refusal = 503, exc.type, exc.message
+                return {"type": "http.disconnect"}
             except TimeoutError:
                 self.refusal = 408, "request_timeout", (
                     f"body: expected its next bytes within {self.idle_s:g}s (--body-timeout-s), got none for "
@@ -258,6 +264,12 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+async def _drained(scope: Scope, arrival: Awaitable[Message]) -> Message:
+    """The body's next message, or ShuttingDownError once the shutdown deadline has passed."""
+    generation = getattr(scope["app"].state, "generation", None)  # None: before start-up ended
+    return await (arrival if generation is None else generation.drain.wait(arrival))
 
 
 def _chunked(scope: Scope) -> bool:

@@ -177,3 +177,22 @@ def test_an_answer_before_the_body_is_read_closes_the_connection(srv):
     answer, _ = raw(srv, head + b"x" * 1000)  # read until the server closes the connection
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 404"), answer[:300]
     assert b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/adapters"])
+def test_a_body_still_arriving_at_the_shutdown_deadline_gets_503_json(tmp_path, path):
+    """Not uvicorn's plain-text 500 when it cancels the handler after its grace period (an upload too)."""
+    with live_server(tmp_path, as_main=True, model=LLAMA, shutdown_timeout_s=1, body_timeout_s=30) as s:
+        url = urlparse(s.url)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            kind, start = ((b"multipart/form-data; boundary=b", b"--b\r\n") if path == "/adapters"
+                           else (b"application/json", b'{"prompt": '))
+            sock.sendall(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: %s\r\ncontent-length: 1000\r\n\r\n%s"
+                         % (path.encode(), kind, start))
+            time.sleep(0.3)
+            s.server.should_exit = True
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    status, error = status_and_error(answer)
+    assert status == 503 and "shutting_down" in json.dumps(error), answer
