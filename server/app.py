@@ -155,8 +155,7 @@ UNPARSED_MESSAGE = "body: expected a JSON object in UTF-8, nested less than abou
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
-        return error_response(request.url.path, exc.status, exc.type, exc.message, headers)
+        return error_response(request.url.path, exc.status, exc.type, exc.message, exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

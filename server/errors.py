@@ -40,6 +40,10 @@ class HotswapError(Exception):
         super().__init__(message)
         self.message = message
 
+    def headers(self) -> dict[str, str] | None:
+        """The response headers this error comes with."""
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+
 
 class InvalidRequestError(HotswapError):
     """The request is malformed or out of range (400)."""
@@ -53,6 +57,9 @@ class AuthenticationError(HotswapError):
 
     status = 401
     type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}  # RFC 9110: a 401 names the scheme it takes
 
 
 class ForbiddenError(HotswapError):

@@ -15,8 +15,9 @@ def _check_bearer(request: Request, accepted: list[str], what: str) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError(f"{what}: expected 'Authorization: Bearer <token>', got {'no header' if not header else 'another scheme'}")
+    if scheme.lower() != "bearer" or not token.strip():
+        got = "no header" if not header else "another scheme" if scheme.lower() != "bearer" else "no token"
+        raise AuthenticationError(f"{what}: expected 'Authorization: Bearer <token>', got {got}")
     if not any(hmac.compare_digest(token.encode(), good.encode()) for good in accepted):
         raise ForbiddenError(f"{what}: the bearer token is not valid")
 

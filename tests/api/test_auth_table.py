@@ -85,3 +85,12 @@ def test_adapter_records_need_the_api_key(srv):
         assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
         r = c.get("/adapters", headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and "adapters" in r.json()
+
+
+@pytest.mark.parametrize("header, got", [(None, "no header"), ("Basic abc", "another scheme"),
+                                         ("Bearer", "no token")])
+def test_a_401_names_the_scheme_and_what_came(srv, header, got):
+    with srv.client() as c:
+        r = c.get("/adapters", headers={"Authorization": header} if header else {})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["message"].endswith(f"got {got}"), r.text
