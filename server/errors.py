@@ -131,6 +131,7 @@ class ShuttingDownError(HotswapError):
 
     status = 503
     type = "shutting_down"
+    retry_after_s = 1  # another replica, or this one restarted
 
 
 class AdapterCapacityError(HotswapError):

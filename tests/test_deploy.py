@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.config import Settings
 from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +100,8 @@ def test_compose_has_three_services_with_healthchecks():
     env = services["grafana"]["environment"]
     assert str(env["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "true"
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    grace_s = int(services["hotswap"]["stop_grace_period"].removesuffix("s"))
+    assert grace_s >= Settings().shutdown_timeout_s + 10  # docker's default 10 s would kill the drain
 
 
 def test_compose_bind_mounts_exist():

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from server.__main__ import build_parser
+from server.config import Settings
 
 MANIFEST = Path(__file__).resolve().parent.parent / "deploy" / "inferencepool.yaml"
 
@@ -25,6 +26,8 @@ def test_pool_selects_the_hotswap_pods_on_their_port():
     assert [p["number"] for p in pool["spec"]["targetPorts"]] == [int(args.port)]
     assert int(args.port) in [p["containerPort"] for p in container["ports"]]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    drain_s = args.shutdown_timeout_s or Settings().shutdown_timeout_s
+    assert pods["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10  # the drain, then the exit
     epp = pool["spec"]["endpointPickerRef"]
     assert epp["name"] and 1 <= epp["port"]["number"] <= 65535 and epp["failureMode"] in ("FailOpen", "FailClose")
 
