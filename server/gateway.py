@@ -25,6 +25,7 @@ def gateway_state(engine: Engine, registry: Registry) -> GatewayState:
     reserved = sum(reserved_tokens(r) for r in rows)
     # max_lora: resident slots; unbounded (0), at most one adapter per row of a batch
     max_lora = registry.max_resident or engine.settings.max_batch_size
-    return GatewayState(running=len(rows), waiting=len(queued) + sum(slot_waits.values()), kv_usage=reserved / engine.settings.max_batch_tokens,
+    return GatewayState(running=len(rows), waiting=len(queued) + sum(slot_waits.values()),
+                        kv_usage=reserved / engine.settings.max_batch_tokens,
                         running_adapters=tuple(sorted(running)), waiting_adapters=tuple(sorted(waiting)),
                         max_lora=max_lora)
