@@ -10,6 +10,7 @@ if not torch.cuda.is_available():  # before any kernel is decorated: Triton's ke
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from server.http import Server, uvicorn_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LLAMA = FIXTURES / "tiny-llama"
 GPT2 = FIXTURES / "tiny-gpt2"
+TLS = ssl.create_default_context()  # one for every test client: httpx builds a new one (~40 ms) per client
 
 
 def references(kind: str, base: str) -> dict:
@@ -49,7 +51,7 @@ class LiveServer:
     server: uvicorn.Server
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+        return httpx.Client(base_url=self.url, timeout=120, verify=TLS, **kwargs)
 
     def generate(self, adapter: str | None = None, **body) -> dict:
         params = {"adapter": adapter} if adapter else {}
@@ -87,7 +89,7 @@ def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float = 120) -> N
         if not alive():
             raise RuntimeError(f"server for {url} died during start-up")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=2, verify=TLS).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -27,7 +27,7 @@ def _loglikelihoods(url: str, tasks: Path, tokenized: bool) -> list[float]:
     args = {"model": "tiny-llama", "base_url": f"{url}/v1/completions", "tokenizer_backend": "huggingface",
             "tokenizer": str(LLAMA), "tokenized_requests": tokenized, "batch_size": 4, "max_retries": 1}
     out = simple_evaluate(model="local-completions", model_args=args, tasks=["hotswap_tiny"],
-                          task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True)
     samples = out["samples"]["hotswap_tiny"]
     return [ll for s in samples for ll, _ in s["filtered_resps"]]
 

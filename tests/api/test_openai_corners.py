@@ -71,11 +71,15 @@ def test_explicit_nulls_are_absent(server):
                                "echo", "stop", "seed", "user", "top_k", "presence_penalty", "suffix", "best_of")}
     with server.client() as c:
         r = c.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x", **nulls})
-        chat = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT, **nulls,
-                                                    "max_completion_tokens": None, "top_logprobs": None})
+        # each chat bounded by the other length field (a chat without one runs to the context end: tested apart)
+        chats = [c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": CHAT, **nulls,
+                                                      "top_logprobs": None, **lengths})
+                 for lengths in ({"max_completion_tokens": 3}, {"max_completion_tokens": None, "max_tokens": 3})]
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= 16  # OpenAI's default max_tokens
-    assert chat.status_code == 200, chat.text
+    for chat in chats:
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["usage"]["completion_tokens"] <= 3
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])

@@ -11,7 +11,7 @@ from openai import OpenAI
 from server.api.stops import held_back, sendable
 
 PROMPT = "def add(a, b):"
-N_TOKENS = 16
+N_TOKENS = 10
 
 
 def test_held_back_is_the_longest_tail_that_may_begin_a_stop():

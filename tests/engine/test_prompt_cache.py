@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 
-import httpx
 import pytest
 import torch
 from openai import OpenAI
@@ -47,14 +46,12 @@ def plain(tmp_path_factory, alora):
 
 
 def _generate(srv, adapter: str | None, prompt: list[int], **extra) -> dict:
-    body = {"prompt_token_ids": prompt, "max_new_tokens": 6, "ignore_eos": True, **extra}
-    r = httpx.post(f"{srv.url}/generate", params={"adapter": adapter} if adapter else {}, json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()
+    return srv.generate(adapter, **{"prompt_token_ids": prompt, "max_new_tokens": 6, "ignore_eos": True, **extra})
 
 
 def _metric(srv, name: str, labels: str) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
+    with srv.client() as c:
+        text = c.get("/metrics").text
     found = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 
@@ -99,7 +96,8 @@ def test_an_alora_reuses_the_base_blocks_before_its_invocation(cached, plain):
 
 def _score(srv, prompt: list[int]) -> dict:
     body = {"model": "tiny-llama", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 0}
-    r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+    with srv.client() as c:
+        r = c.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["logprobs"]
 

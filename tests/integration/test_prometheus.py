@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import TLS
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hotswap.json"
@@ -170,7 +172,7 @@ def dashboard_exprs() -> list[str]:
 def generate(url: str, adapter: str | None, extra: dict) -> dict:
     params = {"adapter": adapter} if adapter else {}
     body = {"prompt_token_ids": PROMPT, "max_new_tokens": 8, "temperature": 0, **extra}
-    r = httpx.post(f"{url}/generate", params=params, json=body, timeout=120)
+    r = httpx.post(f"{url}/generate", params=params, json=body, timeout=120, verify=TLS)
     assert r.status_code == 200, f"{adapter} {extra}: HTTP {r.status_code} {r.text}"
     return r.json()
 
