@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from server.adapters.registry import Registry
 from server.api import adapters, generate, health, lorax, openai, tokenize
+from server.api.deps import check_guards
 from server.api.error_shapes import error_response
 from server.api.generation import Generation
 from server.config import Settings
@@ -30,7 +31,7 @@ from server.engine import threads
 from server.engine.engine import Engine, EngineSettings
 from server.gateway import gateway_state
 from server.http import BodyLimit, CancelOnDisconnect, Responses
-from server.errors import AdapterExistsError, HotswapError, InvalidRequestError
+from server.errors import AdapterExistsError, HotswapError, InvalidRequestError, UnsupportedMediaTypeError
 from server.metrics import Metrics
 from server.model import DEFAULT_MODEL_DIR, load_base_model
 from server.store import Store
@@ -155,16 +156,20 @@ UNPARSED_MESSAGE = "body: expected a JSON object in UTF-8, nested less than abou
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HotswapError)
     async def hotswap_error(request: Request, exc: HotswapError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.type, exc.message, exc.headers())
+        return _answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request.url.path, 400, InvalidRequestError.type, _describe(exc))
+        return _guarded(request) or _answer(request, _not_json(request, exc) or InvalidRequestError(_describe(exc)))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.detail == UNPARSED:
-            return error_response(request.url.path, 400, InvalidRequestError.type, UNPARSED_MESSAGE)
+            return _guarded(request) or _answer(request, InvalidRequestError(UNPARSED_MESSAGE))
+        if exc.status_code == 404 and request.scope.get("route") is None:  # no route has this path
+            message = f"path: expected a route of this server (GET /openapi.json lists them), got " \
+                      f"{request.method} {request.url.path}"
+            return error_response(request.url.path, 404, "http_error", message)
         if exc.status_code == 405:
             allowed = sorted({m for r in app.state.routes if r.path_regex.match(request.url.path) for m in r.methods})
             message = f"method: expected {' or '.join(allowed)} for {request.url.path}, got {request.method}"
@@ -176,6 +181,28 @@ def _install_error_handlers(app: FastAPI) -> None:
         """A bug: Starlette logs it with its traceback; the client still gets JSON, not plain text."""
         return error_response(request.url.path, 500, HotswapError.type,
                               f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def _answer(request: Request, exc: HotswapError) -> JSONResponse:
+    return error_response(request.url.path, exc.status, exc.type, exc.message, exc.headers())
+
+
+def _guarded(request: Request) -> JSONResponse | None:
+    """The 401/403 of a client its route's guards refuse, else None (the body's own 400 may go out)."""
+    try:
+        check_guards(request)
+    except HotswapError as exc:
+        return _answer(request, exc)
+    return None
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> UnsupportedMediaTypeError | None:
+    """A JSON route's body that FastAPI left as bytes: its content-type is not JSON (curl's `-d`
+    alone sends application/x-www-form-urlencoded)."""
+    if not any(tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes) for e in exc.errors()):
+        return None
+    got = request.headers.get("content-type") or "no content-type"
+    return UnsupportedMediaTypeError(f"content-type: expected application/json, got {got}")
 
 
 def _describe(exc: RequestValidationError) -> str:

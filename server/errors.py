@@ -101,6 +101,13 @@ class PayloadTooLargeError(HotswapError):
     type = "payload_too_large"
 
 
+class UnsupportedMediaTypeError(HotswapError):
+    """A JSON route's body sent as another content-type (415)."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
 class AdapterFormatError(HotswapError):
     """Adapter files that cannot be served on this base model (422).
 

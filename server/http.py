@@ -13,14 +13,17 @@
   streaming response) see the disconnect.
 - `Responses` (ASGI middleware, outermost): each answer counted in `hotswap_http_responses_total` by
   method, route template and status, the refusals above included; a client gone before any answer
-  counts as 499 (nginx's "client closed request").
+  counts as 499 (nginx's "client closed request"). A method outside METHODS counts as "other", so a
+  client inventing methods (h11 takes any token) cannot grow the series without bound.
 - `--header-timeout-s`: uvicorn bounds only the idle time between requests (`timeout_keep_alive`);
   neither of its HTTP protocols bounds the time a client takes to send a request's headers (h11's
   `h11_max_incomplete_event_size` bounds their size, not their pace). So the protocol uvicorn would
   pick (httptools if installed, else h11) gets a timer from the connection's first byte, or a
   request's, until its headers are complete; past it the client gets 408 JSON and is disconnected.
   A head still incomplete after MAX_HEAD_BYTES gets 431 the same way (httptools takes any size;
-  one that arrives whole in a single socket read, at most 256 KiB, is parsed as it is).
+  one that arrives whole in a single socket read, at most 256 KiB, is parsed as it is). Bytes that
+  do not parse as HTTP get 400 JSON (uvicorn's own answer is plain text). These refusals come before
+  any route or method is known: they count as method "other", route "unmatched".
 - `Server`: when uvicorn's shutdown begins, /ready says draining and the in-flight generations get
   the `--shutdown-timeout-s` deadline (server/api/drain.py); uvicorn waits a little longer, so it
   never has to cancel a request that has not answered. A body still arriving at the deadline (an
@@ -49,6 +52,8 @@ UNLIMITED = {("POST", "/adapters")}  # routes that stream their body under their
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers (httptools has no bound; h11's is 16 KiB)
 CLIENT_GONE = 499  # the code counted for a request answered nothing (nginx's)
 UNMATCHED = "unmatched"  # the route counted for a path no route has
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})  # counted by name
+OTHER_METHOD = "other"  # the method counted for any other, or for a request that never parsed
 GENERATIONS = {("POST", path) for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/",
                                            "/generate_stream")}  # native, OpenAI, LoRAX
 
@@ -59,7 +64,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides) -> uvicorn.Con
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "http": header_timeout_protocol(settings.header_timeout_s),
+        "http": door_protocol(settings.header_timeout_s),
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s) + DRAIN_MARGIN_S,
         **overrides,
     }
@@ -110,9 +115,8 @@ class Responses:
             code = 500 if code == CLIENT_GONE else code  # Starlette's error middleware, outside, answers 500
             raise
         finally:
-            metrics = getattr(scope["app"].state, "metrics", None)  # None: before start-up ended
-            if metrics is not None:
-                metrics.http_response(scope["method"], self._route_of(scope), code)
+            method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
+            _count(scope["app"], method, self._route_of(scope), code)
 
     def _route_of(self, scope: Scope) -> str:
         """The path template of the route that served `scope` (or would have, for a refusal before routing)."""
@@ -259,6 +263,12 @@ class _Counted:
             await _refuse(send, scope["path"], *self.refusal)
 
 
+def _count(app: FastAPI, method: str, route: str, code: int) -> None:
+    metrics = getattr(app.state, "metrics", None)  # None: before start-up ended
+    if metrics is not None:
+        metrics.http_response(method, route, code)
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -290,22 +300,24 @@ async def _refuse(send: Send, path: str, status: int, type_: str, message: str) 
     await send({"type": "http.response.body", "body": body})
 
 
-# ---------------------------------------------------------------- header-read timeout
+# ---------------------------------------------------------------- the request head
 
 
-def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
-    """uvicorn's own choice of HTTP protocol (httptools if installed, else h11), with the header timer."""
+def door_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's own choice of HTTP protocol (httptools if installed, else h11), with the header timer
+    and JSON refusals."""
     if importlib.util.find_spec("httptools") is not None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     else:
         base = H11Protocol
-    return type(f"HeaderTimeout{base.__name__}", (_HeaderTimeout, base), {"header_timeout_s": timeout_s})
+    return type(f"Door{base.__name__}", (_Door, base), {"header_timeout_s": timeout_s})
 
 
-class _HeaderTimeout:
+class _Door:
     """Mixin over a uvicorn HTTP protocol: a request's headers must be complete `header_timeout_s`
     after the connection opens or the request's first byte arrives. Both protocols start a new
-    `cycle` once a request's headers are parsed, which is what stops the timer."""
+    `cycle` once a request's headers are parsed, which is what stops the timer. A head that does
+    not parse is refused in JSON too."""
 
     header_timeout_s: float
     _header_timer: asyncio.TimerHandle | None = None
@@ -332,6 +344,11 @@ class _HeaderTimeout:
         self._disarm_header_timer()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        """Both protocols' answer to bytes that do not parse as HTTP (`msg`: uvicorn's, always the same)."""
+        self._refuse(b"400 Bad Request", "invalid_request",
+                     "request: expected an HTTP/1.1 request line and headers, got bytes that do not parse as one")
+
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
@@ -349,8 +366,9 @@ class _HeaderTimeout:
                      f"within {self.header_timeout_s:g}s (--header-timeout-s), got part of one")
 
     def _refuse(self, status: bytes, type_: str, message: str) -> None:
-        """Answer a request whose head never completed with a JSON error, and hang up."""
+        """Answer a request whose head never completed (or parsed) with a JSON error, and hang up."""
         self._disarm_header_timer()
+        _count(self.config.app, OTHER_METHOD, UNMATCHED, int(status.split()[0]))
         body = json.dumps({"error": {"type": type_, "message": message}}).encode()
         head = (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n")

@@ -37,6 +37,19 @@ def require_admin(request: Request) -> None:
     _check_bearer(request, [token] if token else [], "admin token" if settings.admin_token else "api key")
 
 
+GUARDS = (require_api_key, require_admin)
+
+
+def check_guards(request: Request) -> None:
+    """Run the guards of the route `request` matched: a body FastAPI could not parse (its 400 comes
+    before any dependency) is refused 401/403 first, as every other body is, to a client not allowed
+    to send it."""
+    route = request.scope.get("route")
+    for dependency in getattr(route, "dependant").dependencies if route is not None else ():
+        if dependency.call in GUARDS:
+            dependency.call(request)
+
+
 async def synced_store(request: Request) -> None:
     """Shared store (cluster): take in other servers' uploads, deletes and pins before answering."""
     registry = request.app.state.registry

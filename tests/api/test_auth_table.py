@@ -94,3 +94,15 @@ def test_a_401_names_the_scheme_and_what_came(srv, header, got):
         r = c.get("/adapters", headers={"Authorization": header} if header else {})
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"]["message"].endswith(f"got {got}"), r.text
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": ', b"\xff\xfe{}"], ids=["invalid JSON", "not UTF-8"])
+@pytest.mark.parametrize("method,path", sorted((m, p) for (m, p), t in table().items() if t != "none" and m == "POST"))
+def test_a_body_that_does_not_parse_is_refused_401_first(srv, method, path, body):
+    """A client without a token learns nothing about the route's body: its 400 waits for a token."""
+    with srv.client() as c:
+        anonymous = c.request(method, concrete(path), content=body, headers={"content-type": "application/json"})
+        keyed = c.request(method, concrete(path), content=body, headers={"content-type": "application/json",
+                                                                         "Authorization": f"Bearer {ADMIN}"})
+    assert anonymous.status_code == 401, anonymous.text
+    assert keyed.status_code != 401

@@ -179,3 +179,23 @@ def test_the_probes_answer_head(llama_server, path):
     with llama_server.client() as c:
         r = c.head(path)
     assert r.status_code == 200 and r.content == b""
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions", "/tokenize", "/"])
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_type_is_415_naming_both(llama_server, path, kind):
+    """curl's `-d` alone sends a form type: the answer says what the route reads, not "a valid dictionary"."""
+    with llama_server.client() as c:
+        r = c.post(path, content=b'{"prompt": "hi"}', headers={"content-type": kind} if kind else {})
+    assert r.status_code == 415, r.text
+    message = r.json()["error"] if path == "/" else r.json()["error"]["message"]
+    assert message == f"content-type: expected application/json, got {kind or 'no content-type'}"
+
+
+@pytest.mark.parametrize("path", ["/nowhere", "/v1/nowhere", "/adapters/x/nowhere"])
+def test_a_path_no_route_has_is_404_naming_it(llama_server, path):
+    with llama_server.client() as c:
+        r = c.post(path, json={})
+    assert r.status_code == 404
+    message = r.json()["error"]["message"]
+    assert message == f"path: expected a route of this server (GET /openapi.json lists them), got POST {path}"

@@ -171,6 +171,21 @@ def test_every_answer_is_counted_by_route_and_code_refusals_at_the_door_too(srv)
         ("POST", "/generate", "400"): 1, ("POST", "/generate", "200"): 1}
 
 
+def test_bytes_that_are_not_http_get_400_json_and_are_counted(srv):
+    before = _answers(srv)
+    answer, _ = raw(srv, b"\x16\x03\x01 hello\r\n\r\n")  # a TLS hello, say, on the plain port
+    status, error = status_and_error(answer)
+    assert status == 400 and error["type"] == "invalid_request" and "HTTP/1.1 request" in error["message"], error
+    assert b"application/json" in answer.partition(b"\r\n\r\n")[0]
+    assert status_and_error(raw(srv, b"POST /generate HTTP/1.1\r\nhost: x\r\n")[0])[0] == 408
+    assert raw(srv, b"PROPFIND /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")[0].startswith(
+        b"HTTP/1.1 405")
+    after = _answers(srv)
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert {k: v for k, v in moved.items() if k[1] != "/metrics"} == {
+        ("other", "unmatched", "400"): 1, ("other", "unmatched", "408"): 1, ("other", "/health", "405"): 1}
+
+
 def test_an_answer_before_the_body_is_read_closes_the_connection(srv):
     """A 404 after the head alone: the body's bytes still coming are not read as the next request's head."""
     head = b"POST /nope HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (LIMIT // 2)
