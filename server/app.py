@@ -48,7 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in routers:
         app.include_router(module.router)
     app.add_middleware(lorax.LoraxBodies)  # inside BodyLimit: a body is limited before it is read
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, idle_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(CancelOnDisconnect)  # it watches the server's own receive
     app.state.routes = [r for m in routers for r in m.router.routes]
     app.add_middleware(Responses, routes=app.state.routes)  # outermost: it counts every answer

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest adapter upload")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body but uploads (413 past it)")
     header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's headers (408 past it)")
-    body_timeout_s: float = Field(30.0, gt=0, description="longest wait for a request body's next bytes (408 past it)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a request body has to arrive whole; an upload: its next bytes (408 past it)")
     allowed_local_dir: Path | None = Field(None, description="folder that /v1/load_lora_adapter may read")
     admin_token: str | None = Field(None, description="bearer token for endpoints that change adapters")
     api_key: str | None = Field(None, description="bearer token for generation endpoints")

@@ -3,9 +3,10 @@
 - `BodyLimit` (ASGI middleware): a body past `--max-body-bytes` is answered 413 JSON, from its
   Content-Length before a byte is read, else as soon as the bytes counted while streaming pass
   the limit. Adapter uploads (multipart `POST /adapters`) stream to disk under their own
-  `--max-upload-bytes` (server/upload.py) and are left to it. A body whose next bytes take more
-  than `--body-timeout-s` to come (uploads too) is answered 408 JSON and the connection closed: a
-  client sending its body a byte a minute no longer holds a connection and a handler forever.
+  `--max-upload-bytes` (server/upload.py) and are left to it. A body not whole `--body-timeout-s`
+  after the app first asks for it (an upload: whose next bytes take that long) is answered 408
+  JSON and the connection closed: a client sending its body a byte a minute, or a byte just inside
+  each wait, no longer holds a connection and a handler forever.
 - `CancelOnDisconnect` (ASGI middleware): a client of a generation route that leaves before its
   response starts (not streamed, or a stream still waiting for its first token) cancels the handler, so
   its engine request is cancelled and its adapter released instead of decoding to its end for
@@ -190,14 +191,14 @@ class _Watched:
 
 
 class BodyLimit:
-    """413 JSON for a request body past `limit` bytes, before it is read whole; 408 JSON for one whose
-    next bytes take more than `idle_s` to come (uploads, which stream under their own size limit, keep
-    this bound)."""
+    """413 JSON for a request body past `limit` bytes, before it is read whole; 408 JSON for one not
+    whole `timeout_s` after it is first asked for (uploads, which stream under their own size limit,
+    for one whose next bytes take that long)."""
 
-    def __init__(self, app: ASGIApp, limit: int, idle_s: float) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
-        self.idle_s = idle_s
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -207,17 +208,19 @@ class BodyLimit:
         if limit is not None and declared is not None and declared > limit:
             return await _refuse(send, scope["path"], 413, "payload_too_large",
                                  _too_large(limit, f"{declared} (Content-Length)"))
-        await _Counted(self.app, limit, self.idle_s, bool(declared) or _chunked(scope))(scope, receive, send)
+        await _Counted(self.app, limit, self.timeout_s, bool(declared) or _chunked(scope))(scope, receive, send)
 
 
 class _Counted:
-    """One request whose body bytes are counted and timed as they arrive; past the limit or the idle
-    time, the app's answer (an error about a body it could not read) is replaced by the 413 or 408.
+    """One request whose body bytes are counted and timed as they arrive; past the limit or the time
+    (`limit` None, an upload: each wait; else the whole body), the app's answer (an error about a
+    body it could not read) is replaced by the 413 or 408.
     An answer that starts before the body is read whole (a 401 or 404 after the head) closes the
     connection: else the body's remaining bytes would be read as the next request's head."""
 
-    def __init__(self, app: ASGIApp, limit: int | None, idle_s: float, has_body: bool) -> None:
-        self.app, self.limit, self.idle_s = app, limit, idle_s
+    def __init__(self, app: ASGIApp, limit: int | None, timeout_s: float, has_body: bool) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+        self.deadline: float | None = None  # loop time the whole body is due by (not for an upload)
         self.received = 0
         self.complete = not has_body
         self.refusal: tuple[int, str, str] | None = None  # status, type, message
@@ -228,14 +231,12 @@ class _Counted:
             if self.complete:
                 return await receive()
             try:
-                message = await _drained(scope, asyncio.wait_for(receive(), self.idle_s))
+                message = await _drained(scope, asyncio.wait_for(receive(), self._wait_s()))
             except ShuttingDownError as exc:  # uvicorn would cancel the handler: a plain-text 500
                 self.refusal = 503, exc.type, exc.message
                 return {"type": "http.disconnect"}
             except TimeoutError:
-                self.refusal = 408, "request_timeout", (
-                    f"body: expected its next bytes within {self.idle_s:g}s (--body-timeout-s), got none for "
-                    f"{self.idle_s:g}s ({self.received} bytes by then)")
+                self.refusal = 408, "request_timeout", self._late()
                 return {"type": "http.disconnect"}  # the app stops reading
             if message["type"] == "http.request":
                 self.received += len(message.get("body", b""))
@@ -261,6 +262,20 @@ class _Counted:
                 raise
         if self.refusal is not None and not self.started:
             await _refuse(send, scope["path"], *self.refusal)
+
+    def _wait_s(self) -> float:
+        """How long the body's next bytes may take: the rest of the whole body's time (an upload's: all of it)."""
+        if self.limit is None:
+            return self.timeout_s
+        now = asyncio.get_running_loop().time()
+        self.deadline = now + self.timeout_s if self.deadline is None else self.deadline
+        return max(self.deadline - now, 0)
+
+    def _late(self) -> str:
+        got = f"got {self.received} bytes by then"
+        if self.limit is None:
+            return f"body: expected its next bytes within {self.timeout_s:g}s (--body-timeout-s), {got}"
+        return f"body: expected it whole within {self.timeout_s:g}s (--body-timeout-s), {got}"
 
 
 def _count(app: FastAPI, method: str, route: str, code: int) -> None:

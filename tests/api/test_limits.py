@@ -99,6 +99,24 @@ def test_a_body_that_stops_coming_gets_408_and_the_server_keeps_serving(srv, pat
         assert c.get("/health").status_code == 200
 
 
+def test_a_body_trickling_in_just_inside_each_wait_gets_408_once_its_time_is_up(srv):
+    """A byte every 0.3 s of a 100-byte body never waits 1 s (--body-timeout-s) for the next, and
+    would take 30 s: the whole body's time is bounded, not only each gap."""
+    url = urlparse(srv.url)
+    head = b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+    t0 = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+        s.sendall(head)
+        while not select.select([s], [], [], 0.3)[0] and time.monotonic() - t0 < 10:
+            s.sendall(b" ")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status, error = status_and_error(answer)
+    assert status == 408 and "whole within 1s (--body-timeout-s)" in error["message"], error
+    assert time.monotonic() - t0 < 3
+
+
 def test_idle_connection_is_closed_too(srv):
     answer, took = raw(srv, b"")
     assert status_and_error(answer)[0] == 408 and took < 5
