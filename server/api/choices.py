@@ -2,6 +2,7 @@
 
 Choice `i * n + j` is sample j of prompt i (OpenAI's order). Seeds follow vLLM: sample j of a
 request with `seed` s uses seed s + j, so `n` seeded samples differ and each is reproducible.
+The choices enter the engine's queue together or not at all (engine/waiting.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from server.api.generation import Generation, Job, Outcome, Selection
 from server.engine.sampling import SamplingParams
+from server.engine.waiting import Promise
 from server.errors import InvalidRequestError
 
 SEED_SPAN = 2**64  # seeds wrap within what torch.Generator accepts
@@ -69,16 +71,24 @@ def discard(gen: Generation, job: Job) -> None:
         gen.registry.release(job.adapter)
 
 
+def _places(gen: Generation, choices: list[Choice]) -> Promise:
+    """A place in the queue for every choice, or the 429 before any is submitted."""
+    job = choices[0].job
+    return gen.engine.room.promise(len(choices), job.kind, job.mode, job.adapter_names)
+
+
 async def run_choices(gen: Generation, choices: list[Choice]) -> list[Outcome]:
     """Every choice's outcome, in index order; the first failure cancels the others."""
-    async def run(choice: Choice) -> Outcome:
+    async def run(choice: Choice, promise: Promise) -> Outcome:
         started.add(choice.index)
-        return await gen.run(choice.job)
+        return await gen.run(choice.job, promise)
 
     started: set[int] = set()
-    tasks = [asyncio.create_task(run(c)) for c in choices]
+    tasks: list[asyncio.Task] = []
     try:
-        return list(await asyncio.gather(*tasks))
+        with _places(gen, choices) as promise:
+            tasks = [asyncio.create_task(run(c, promise)) for c in choices]
+            return list(await asyncio.gather(*tasks))
     finally:
         await _cancel(gen, tasks, choices, started)
 
@@ -101,26 +111,28 @@ async def stream_choices(gen: Generation, choices: list[Choice]) -> AsyncIterato
     queue: asyncio.Queue = asyncio.Queue()
     started: set[int] = set()
 
-    async def pump(choice: Choice) -> None:
+    async def pump(choice: Choice, promise: Promise) -> None:
         started.add(choice.index)
         try:
-            async for item in gen.stream(choice.job):
+            async for item in gen.stream(choice.job, promise):
                 await queue.put((choice, item))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             await queue.put((choice, exc))
             return
         await queue.put((choice, _END))
 
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    tasks: list[asyncio.Task] = []
     try:
-        live = len(tasks)
-        while live:
-            choice, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is _END:
-                live -= 1
-                continue
-            yield (choice, *item)
+        with _places(gen, choices) as promise:
+            tasks = [asyncio.create_task(pump(c, promise)) for c in choices]
+            live = len(tasks)
+            while live:
+                choice, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is _END:
+                    live -= 1
+                    continue
+                yield (choice, *item)
     finally:
         await _cancel(gen, tasks, choices, started)

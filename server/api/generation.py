@@ -17,6 +17,7 @@ from server.api.stops import cut_at_stop, streamable
 from server.engine.logprobs import TokenLogprob
 from server.engine.request import DoneEvent, Event, PromptLogprobsEvent, TokenEvent
 from server.engine.sampling import SamplingParams
+from server.engine.waiting import Promise
 from server.errors import HotswapError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class Job:
     @property
     def kind(self) -> str:
         return self.adapter.kind if self.adapter else "base"
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return self.adapter.names if self.adapter else ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -149,10 +154,11 @@ class Generation:
                 f"{f', incl. {n_virtual} virtual tokens' if n_virtual else ''}), got {total}"
             )
 
-    async def events(self, job: Job) -> AsyncIterator[Event]:
-        """Submit the job and yield its events, each wait bounded by the shutdown deadline; closing this
-        (or cancelling a wait) cancels the request in the engine, which releases the adapter."""
-        source = self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode)
+    async def events(self, job: Job, promise: Promise | None = None) -> AsyncIterator[Event]:
+        """Submit the job (on a place of `promise`: see engine/waiting.py) and yield its events, each
+        wait bounded by the shutdown deadline; closing this (or cancelling a wait) cancels the
+        request in the engine, which releases the adapter."""
+        source = self.engine.generate(job.prompt_ids, job.params, job.adapter, job.mode, promise)
         async with aclosing(source):
             while True:
                 try:
@@ -161,9 +167,9 @@ class Generation:
                     return
                 yield event
 
-    async def run(self, job: Job) -> Outcome:
+    async def run(self, job: Job, promise: Promise | None = None) -> Outcome:
         out = Outcome()
-        async with aclosing(self.events(job)) as events:
+        async with aclosing(self.events(job, promise)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
                     out.finish_reason, out.cached_tokens = self._reason(event), event.cached_tokens
@@ -179,12 +185,12 @@ class Generation:
         items = self.stream(job)
         return await anext(items), items  # a failed anext has already finalized `items`
 
-    async def stream(self, job: Job) -> AsyncGenerator[Item, None]:
+    async def stream(self, job: Job, promise: Promise | None = None) -> AsyncGenerator[Item, None]:
         """Yield (token id, new text, running outcome) per token, then (None, "", final outcome)."""
         out = Outcome()
         sent = ""
         decoded = TextStream(self.base.tokenizer)
-        async with aclosing(self.events(job)) as events:
+        async with aclosing(self.events(job, promise)) as events:
             async for event in events:
                 if isinstance(event, DoneEvent):
                     out.finish_reason, out.cached_tokens = self._reason(event), event.cached_tokens

@@ -52,6 +52,7 @@ from server.engine.sampling import Sampler, SamplingParams, next_tokens
 from server.engine import threads
 from server.engine.scheduler import SHARED, Limits, Scheduler
 from server.engine.stops import StopFinder
+from server.engine.waiting import Promise, WaitingRoom
 from server.errors import QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.model import BaseModel
@@ -104,8 +105,7 @@ class Engine:
         limits = Limits(settings.max_batch_size, settings.max_batch_tokens, settings.phase_quantum_s)
         self.scheduler = Scheduler(limits)
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._pending = 0  # submitted and not yet admitted; guarded by _lock
-        self._lock = threading.Lock()
+        self.room = WaitingRoom(settings.max_waiting, metrics)  # submitted, not yet admitted
         self._wake = threading.Event()
         self._stopping = False
         self._abort: ShuttingDownError | None = None  # set past the shutdown timeout: end every request
@@ -149,19 +149,21 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._pending
+        return self.room.waiting
 
     @property
     def running(self) -> int:
         """Admitted rows: decoding, or prefilling a long prompt in chunks (the gateway state counts both)."""
         return len(self.batch) + len(self.chunked)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter, mode: Mode) -> AsyncIterator[Event]:
-        """Submit a request and yield its events; leaving early cancels it."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter, mode: Mode,
+                       promise: Promise | None = None) -> AsyncIterator[Event]:
+        """Submit a request (on a place of `promise`, one choice of a request let in whole) and yield
+        its events; leaving early cancels it."""
         loop = asyncio.get_running_loop()
         req = Request(prompt_ids, params, adapter, mode, loop, asyncio.Queue())
         try:
-            self._submit(req)
+            self._submit(req, promise)
         except (QueueFullError, ShuttingDownError):
             self._release(req)
             raise
@@ -176,14 +178,10 @@ class Engine:
                 req.cancelled = True
                 self._wake.set()
 
-    def _submit(self, req: Request) -> None:
+    def _submit(self, req: Request, promise: Promise | None) -> None:
         if self._stopping:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
-        with self._lock:
-            if self._pending >= self.settings.max_waiting:
-                self.metrics.request_rejected(req.kind, req.mode, adapters=req.adapter_names)
-                raise QueueFullError(self._pending)
-            self._pending += 1
+        self.room.enter(req.kind, req.mode, req.adapter_names, promise)
         self._inbox.put(req)
         self._wake.set()
 
@@ -241,8 +239,7 @@ class Engine:
             self.phases.switch(self.scheduler.next_phase())
         joiners = self.scheduler.admit(self.batch.rows + self.chunked.requests())
         if joiners:
-            with self._lock:
-                self._pending -= len(joiners)
+            self.room.leave(len(joiners))
             self._joining = joiners
             whole = []
             for req in self._set_up(joiners):
@@ -257,7 +254,7 @@ class Engine:
             self.outbox.flush()
         if self.batch:
             self._decode()
-        self.metrics.set_queue(self.running, self._pending)
+        self.metrics.set_queue(self.running, self.room.waiting)
         per_block = self.cache.bytes_per_block
         self.metrics.set_kv_cache(self.cache.blocks_used * per_block, self.cache.blocks_cached * per_block,
                                   self.cache.n_blocks * per_block)
@@ -266,8 +263,7 @@ class Engine:
         while not self._inbox.empty():
             self.scheduler.add(self._inbox.get_nowait())
         for req in self.scheduler.drop_cancelled():
-            with self._lock:
-                self._pending -= 1
+            self.room.leave()
             self._finish(req, "cancelled", status="cancelled")
         for req in self.chunked.drop_cancelled():
             self._finish(req, "cancelled", status="cancelled")
@@ -275,8 +271,7 @@ class Engine:
     def _fail_waiting(self, phase: str, exc: Exception) -> None:
         """The phase cannot run (its merge was refused): end its waiting requests with the error."""
         for req in self.scheduler.take_phase(phase):
-            with self._lock:
-                self._pending -= 1
+            self.room.leave()
             self._finish(req, "error", status="error", error=exc)
 
     def _set_up(self, joiners: list[Request]) -> list[Request]:

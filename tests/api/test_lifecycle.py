@@ -49,6 +49,52 @@ def test_full_queue_answers_429(tmp_path):
         assert _metric(metrics, "hotswap_requests_total", status="rejected") == codes.count(429)
 
 
+def test_a_request_of_several_choices_is_queued_whole_or_refused_whole(tmp_path):
+    """One row decoding, one request waiting, --max-waiting 3: three choices do not fit, so none is
+    queued (none decodes for nobody, none counts as cancelled), and the 429 counts only the others."""
+    with live_server(tmp_path, model=LLAMA, max_batch_size=1, max_waiting=3) as srv, srv.client() as c:
+        engine = srv.app.state.engine
+
+        def waits(body: dict) -> threading.Thread:
+            def post() -> None:
+                with srv.client() as own:
+                    outcomes.append(own.post("/v1/completions", json=body))
+
+            thread = threading.Thread(target=post)
+            thread.start()
+            return thread
+
+        def until(ok) -> None:
+            deadline = time.monotonic() + 30
+            while not ok() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert ok()
+
+        outcomes: list[httpx.Response] = []
+        completion = {"model": "tiny-llama", "prompt": [5, 6], "max_tokens": 2}
+        body = {"prompt_token_ids": [5, 6], "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the only row decodes
+            first = waits(completion)
+            until(lambda: engine.waiting == 1)
+            before = c.get("/metrics").text
+            refused = c.post("/v1/completions", json={**completion, "n": 3})
+            after = c.get("/metrics").text
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["message"].startswith("queue is full (1 requests waiting)")
+            assert engine.waiting == 1
+            for status, moved in (("rejected", 3), ("cancelled", 0)):
+                assert _metric(after, "hotswap_requests_total", status=status) - _metric(
+                    before, "hotswap_requests_total", status=status) == moved, status
+            second = waits({**completion, "n": 2})  # fits: both its choices wait
+            until(lambda: engine.waiting == 3)
+        first.join(60)
+        second.join(60)
+    assert [r.status_code for r in outcomes] == [200, 200]
+    assert sorted(len(r.json()["choices"]) for r in outcomes) == [1, 2]
+
+
 def test_no_free_adapter_slot_answers_503_with_retry_after_only_while_slots_are_in_use(tmp_path, monkeypatch):
     """One slot: held by a stream, a second adapter waits for it, times out and may retry; pinned,
     it never frees by waiting, so no Retry-After is promised."""
